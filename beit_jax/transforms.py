@@ -1,0 +1,169 @@
+"""timm's eval preprocessing, bit for bit, without torch: PIL image -> (H, W, 3) float32 array.
+
+timm (center crop mode): Resize(short side -> floor(size / crop_pct), PIL interpolation, long side
+truncated as torchvision does), CenterCrop(size), ToTensor (/255), Normalize(mean, std).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+_INTERPOLATION = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+}
+
+DEFAULT_CROP_PCT = 0.875
+
+
+class ImageLoadError(OSError):
+    """An image file could not be opened or decoded; the message names the file."""
+
+
+def resolve_data_config(model=None, **overrides) -> Dict[str, Any]:
+    """The eval data config of a model (from its pretrained tag), like timm's resolve_data_config.
+
+    Returns dict(input_size=(3, H, W), interpolation, mean, std, crop_pct, crop_mode). The input
+    size follows the model's img_size (a 224 tag built at img_size=384 takes 384 inputs); keyword
+    arguments override any entry.
+    """
+    cfg: Dict[str, Any] = dict(input_size=(3, 224, 224), interpolation="bicubic",
+                               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                               crop_pct=DEFAULT_CROP_PCT, crop_mode="center")
+    if isinstance(model, str):
+        from .registry import build_model
+        model = build_model(model)
+    pcfg = getattr(model, "pretrained_cfg", None)
+    if pcfg is not None:
+        cfg.update(input_size=tuple(pcfg.input_size), interpolation=pcfg.interpolation,
+                   mean=tuple(pcfg.mean), std=tuple(pcfg.std), crop_pct=pcfg.crop_pct,
+                   crop_mode=pcfg.crop_mode)
+    if model is not None and hasattr(model, "img_size"):
+        cfg["input_size"] = (getattr(model, "in_chans", 3), model.img_size, model.img_size)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(size)
+    return (size[-2], size[-1]) if len(size) >= 2 else (size[0], size[0])
+
+
+def resize_short_side(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """torchvision Resize(int): short side -> size, long side int(size * long / short)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), resample)
+
+
+def center_crop(img: Image.Image, size: Tuple[int, int]) -> Image.Image:
+    """torchvision CenterCrop on a PIL image (zero padding when the image is smaller)."""
+    crop_h, crop_w = size
+    w, h = img.size
+    if crop_w > w or crop_h > h:
+        pad_l = (crop_w - w) // 2 if crop_w > w else 0
+        pad_t = (crop_h - h) // 2 if crop_h > h else 0
+        canvas = Image.new(img.mode, (max(w, crop_w), max(h, crop_h)), 0)
+        canvas.paste(img, (pad_l, pad_t))
+        img = canvas
+        w, h = img.size
+        if (w, h) == (crop_w, crop_h):
+            return img
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """ToTensor + Normalize in float32, HWC: (uint8 / 255 - mean) / std with torch's rounding."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    x = arr.astype(np.float32) / np.float32(255.0)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return x
+
+
+class EvalTransform:
+    """Callable PIL.Image -> (H, W, 3) float32, equal to timm's eval transform. Picklable."""
+
+    def __init__(self, input_size, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225), crop_pct=DEFAULT_CROP_PCT, crop_mode="center"):
+        if interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)} (got {interpolation!r})")
+        if crop_mode not in ("center", "squash"):
+            raise ValueError(f"crop_mode {crop_mode!r} is not supported (use 'center' or 'squash')")
+        self.size = _pair(input_size)
+        self.interpolation = interpolation
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_pct = crop_pct or DEFAULT_CROP_PCT
+        self.crop_mode = crop_mode
+        self.scale_size = tuple(math.floor(s / self.crop_pct) for s in self.size)
+        if crop_mode == "center" and self.scale_size[0] != self.scale_size[1]:
+            raise ValueError(f"center crop needs a square input_size (got {self.size}); BEiT inputs are square")
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        resample = _INTERPOLATION[self.interpolation]
+        if self.crop_mode == "squash":
+            w, h = img.size
+            if (h, w) != self.scale_size:
+                img = img.resize((self.scale_size[1], self.scale_size[0]), resample)
+        else:
+            img = resize_short_side(img, self.scale_size[0], resample)
+        return center_crop(img, self.size)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return to_normalized_array(self.resize_and_crop(img), self.mean, self.std)
+
+    def __repr__(self):
+        return (f"EvalTransform(size={self.size}, scale_size={self.scale_size}, "
+                f"interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std})")
+
+
+def create_transform(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                     std=(0.229, 0.224, 0.225), crop_pct=None, crop_mode="center",
+                     is_training: bool = False, **train_kwargs) -> Callable[[Image.Image], np.ndarray]:
+    """timm's `create_transform(**data_config)`: eval by default, training augmentation with
+    is_training=True (see `finetune.TrainTransform`)."""
+    if is_training:
+        from .augment import TrainTransform
+        return TrainTransform(input_size, interpolation=interpolation, mean=mean, std=std, **train_kwargs)
+    return EvalTransform(input_size, interpolation, mean, std, crop_pct, crop_mode)
+
+
+def load_image(path: Union[str, os.PathLike], mode: str = "RGB", exif_transpose: bool = False) -> Image.Image:
+    """Open and fully decode an image as `mode` (RGB by default, as timm's dataset does).
+
+    Any failure (missing, truncated, not an image, decompression bomb) raises ImageLoadError naming
+    the file. exif_transpose applies the EXIF orientation (timm does not, so the default is off).
+    """
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if exif_transpose:
+                    from PIL import ImageOps
+                    img = ImageOps.exif_transpose(img)
+                img = img.convert(mode)  # decodes every pixel: a truncated file fails here
+                img.load()
+                return img
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as e:
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
