@@ -157,6 +157,7 @@ def load_image(path: Union[str, os.PathLike], mode: str = "RGB", exif_transpose:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message="Palette images with Transparency")
             with Image.open(path) as img:
                 if exif_transpose:
                     from PIL import ImageOps
