@@ -57,7 +57,7 @@ PRETRAINED_CFGS: Dict[str, PretrainedCfg] = {c.name: c for c in [
     _cfg("beitv2_base_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
     _cfg("beitv2_large_patch16_224.in1k_ft_in22k_in1k", crop_pct=0.95, **_V2),
     _cfg("beitv2_large_patch16_224.in1k_ft_in1k", crop_pct=0.95, **_V2),
-    _cfg("beitv2_large_patch16_224.in1k_ft_in22k", num_classes=21841, crop_pct=0.95, **_V2),
+    _cfg("beitv2_large_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
 ]}
 
 DEFAULT_TAGS: Dict[str, str] = {}

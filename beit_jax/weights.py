@@ -96,9 +96,16 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> str:
     if "head.weight" in state_dict:
         desc += f", {np.shape(state_dict['head.weight'])[0]} classes"
     table = next((k for k in state_dict if k.endswith("relative_position_bias_table")), None)
+    grid = None
     if table is not None:
-        side = int((np.shape(state_dict[table])[0] - 3) ** 0.5)
-        desc += f", a {(side + 1) // 2}x{(side + 1) // 2} patch grid"
+        grid = (int((np.shape(state_dict[table])[0] - 3) ** 0.5) + 1) // 2
+        desc += f", a {grid}x{grid} patch grid"
+    from .registry import ARCHITECTURES
+
+    fits = [a for a, f in ARCHITECTURES.items() if f["embed_dim"] == dim and f["depth"] == depth
+            and (grid is None or f["img_size"] // f["patch_size"] == grid)]
+    if fits:
+        desc += f"; it fits {' or '.join(fits)}"
     return desc
 
 
@@ -123,7 +130,7 @@ def convert_timm_state_dict(state_dict: Mapping[str, Any], model: Beit, *, resiz
         missing = [k for k in missing if not k.startswith("head.")]
     unexpected = [k for k in sd if k not in by_key]
     mismatched, params = [], {}
-    for key, path in by_key.items():
+    for key, path in sorted(by_key.items(), key=lambda kv: _timm_order(kv[0])):
         if key not in sd:
             continue
         value = _to_flax_layout(path, _to_numpy(sd[key]))
@@ -186,13 +193,24 @@ def to_timm_state_dict(variables: Mapping[str, Any], model: Optional[Beit] = Non
     return dict(sorted(out.items(), key=lambda kv: _timm_order(kv[0])))
 
 
+# timm's state_dict order (parameters in module registration order), for tidy exports.
+_TIMM_ORDER = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+               "rel_pos_bias.relative_position_bias_table", "blocks.", "norm.weight", "norm.bias",
+               "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"]
+_TIMM_BLOCK_ORDER = ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
+                     "attn.relative_position_bias_table", "attn.qkv.weight", "attn.proj.weight",
+                     "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                     "mlp.fc2.weight", "mlp.fc2.bias"]
+
+
 def _timm_order(key: str):
     m = re.match(r"blocks\.(\d+)\.(.*)", key)
-    top = ["cls_token", "pos_embed", "patch_embed", "rel_pos_bias", "blocks", "norm", "fc_norm", "head"]
     if m:
-        return (top.index("blocks"), int(m.group(1)), m.group(2))
-    head = key.split(".")[0]
-    return (top.index(head) if head in top else len(top), 0, key)
+        rest = m.group(2)
+        pos = _TIMM_BLOCK_ORDER.index(rest) if rest in _TIMM_BLOCK_ORDER else len(_TIMM_BLOCK_ORDER)
+        return (_TIMM_ORDER.index("blocks."), int(m.group(1)), pos, key)
+    pos = _TIMM_ORDER.index(key) if key in _TIMM_ORDER else len(_TIMM_ORDER)
+    return (pos, 0, 0, key)
 
 
 # ---- files --------------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""Checkpoint conversion both ways, files, the Hub path and the errors a user sees."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import beit_jax
+from beit_jax import weights
+from conftest import ROOT, max_abs, random_images, timm_model, timm_state_dict, to_nchw
+
+
+def test_round_trip_is_identity_and_timm_loads_it():
+    name = "beit_base_patch16_224"
+    tm = timm_model(name)
+    sd = timm_state_dict(tm)
+    model = beit_jax.build_model(name)
+    back = beit_jax.to_timm_state_dict(beit_jax.convert_timm_state_dict(sd, model), model)
+    assert list(back) == [k for k in tm.state_dict()]  # timm's own key order
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    import timm
+    fresh = timm.create_model(name).eval()
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    x = to_nchw(random_images(1, 224))
+    with torch.no_grad():
+        assert max_abs(fresh(x).numpy(), tm(x).numpy()) == 0.0
+
+
+def test_large_checkpoint_into_base_is_refused_with_details():
+    sd = timm_state_dict(timm_model("beit_large_patch16_224"))
+    model = beit_jax.build_model("beit_base_patch16_224")
+    with pytest.raises(beit_jax.CheckpointMismatchError) as err:
+        beit_jax.convert_timm_state_dict(sd, model)
+    msg = str(err.value)
+    assert "nothing was loaded" in msg
+    assert "cls_token: checkpoint (1, 1, 1024) -> model expects (1, 1, 768)" in msg
+    assert "unexpected keys (192)" in msg and "blocks.12.attn.qkv.weight" in msg
+    assert "embed_dim=1024, depth=24 (large)" in msg
+    assert "it fits beit_large_patch16_224 or beitv2_large_patch16_224" in msg
+
+
+def test_missing_and_foreign_keys_are_listed():
+    sd = timm_state_dict(timm_model("beit_base_patch16_224"))
+    del sd["blocks.4.mlp.fc2.bias"]
+    sd["mask_token"] = np.zeros((1, 1, 768), np.float32)
+    sd["blocks.0.attn.relative_position_index"] = np.zeros((197, 197), np.int64)  # old buffers: dropped
+    with pytest.raises(beit_jax.CheckpointMismatchError, match=r"(?s)missing keys \(1\).*blocks.4.mlp.fc2.bias.*"
+                                                              r"unexpected keys \(1\).*mask_token"):
+        beit_jax.convert_timm_state_dict(sd, beit_jax.build_model("beit_base_patch16_224"))
+
+
+def test_checkpoint_files_pth_nesting_and_new_head(tmp_path):
+    name = "beitv2_base_patch16_224"
+    tm = timm_model(name)
+    sd = timm_state_dict(tm)
+    pth = tmp_path / "release.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 3}, pth)
+    model, variables = beit_jax.create_model(name, checkpoint_path=str(pth))
+    x = random_images(1, 224)
+    with torch.no_grad():
+        assert max_abs(model.apply(variables, x), tm(to_nchw(x)).numpy()) < 1e-4
+
+    model10, v10 = beit_jax.create_model(name, checkpoint_path=str(pth), num_classes=10, rng=3)
+    assert v10["params"]["head"]["kernel"].shape == (768, 10)
+    assert float(np.abs(v10["params"]["head"]["kernel"]).max()) < 0.001  # timm's head_init_scale
+    np.testing.assert_array_equal(v10["params"]["blocks_5"]["mlp"]["fc1"]["kernel"],
+                                  variables["params"]["blocks_5"]["mlp"]["fc1"]["kernel"])
+
+
+def test_bad_files_name_the_file(tmp_path):
+    good = tmp_path / "good.safetensors"
+    weights.save_safetensors(timm_state_dict(timm_model("beit_base_patch16_224")), good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: 10_000])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        beit_jax.create_model("beit_base_patch16_224", checkpoint_path=str(truncated))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        beit_jax.create_model("beit_base_patch16_224", checkpoint_path=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="unsupported checkpoint type '.npz'"):
+        weights.load_state_dict_file(_touch(tmp_path / "w.npz"))
+
+
+def _touch(p: Path) -> Path:
+    p.write_bytes(b"x")
+    return p
+
+
+def test_flax_msgpack_export_loads_back(tmp_path):
+    name = "beit_base_patch16_224"
+    model, variables = beit_jax.create_model(name, num_classes=7, rng=1)
+    mp, js = beit_jax.save_flax_checkpoint(variables, model, tmp_path / "ft")
+    assert json.loads(Path(js).read_text())["num_classes"] == 7
+    model2, v2 = beit_jax.create_model(name, num_classes=7, checkpoint_path=mp)
+    x = random_images(1, 224)
+    assert max_abs(model.apply(variables, x), model2.apply(v2, x)) == 0.0
+
+
+def _build_hf_cache(cache: Path, repo_id: str, sd: dict) -> None:
+    """The layout huggingface_hub's cache uses: blobs, a snapshot per commit, refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    weights.save_safetensors(sd, snap / "model.safetensors")
+    (snap / "config.json").write_text(json.dumps({"architecture": repo_id.split("/")[1].split(".")[0]}))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
+def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"),
+               PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pretrained_from_hub_cache_offline(tmp_path):
+    """pretrained=True goes through huggingface_hub: a cache built here serves it with HF_HUB_OFFLINE=1."""
+    name = "beit_base_patch16_224"
+    tm = timm_model(name)
+    cache = tmp_path / "hub"
+    _build_hf_cache(cache, "timm/beit_base_patch16_224.in22k_ft_in22k_in1k", timm_state_dict(tm))
+    x = random_images(1, 224, seed=9)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import numpy as np, sys, beit_jax\n"
+        f"m, v = beit_jax.create_model('{name}', pretrained=True)\n"
+        f"np.save(r'{tmp_path / 'out.npy'}', np.asarray(m.apply(v, np.load(r'{tmp_path / 'x.npy'}'))))\n"
+        "print('torch imported:', 'torch' in sys.modules)\n")
+    res = _run_offline(code, cache)
+    assert res.returncode == 0, res.stderr
+    assert "torch imported: False" in res.stdout
+    with torch.no_grad():
+        ref = tm(to_nchw(x)).numpy()
+    assert max_abs(np.load(tmp_path / "out.npy"), ref) < 1e-4
+
+
+def test_pretrained_unreachable_says_what_to_do(tmp_path):
+    res = _run_offline("import beit_jax; beit_jax.create_model('beitv2_base_patch16_224', pretrained=True)",
+                       tmp_path / "empty-cache")
+    assert res.returncode != 0
+    assert "PretrainedUnavailableError" in res.stderr
+    assert "timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k" in res.stderr
+    assert "checkpoint_path=" in res.stderr and "--checkpoint" in res.stderr
+
+
+def test_import_does_not_import_torch():
+    res = subprocess.run([sys.executable, "-c", "import sys, beit_jax, beit_jax.cli; "
+                          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_registry_matches_timm():
+    import timm
+
+    ours = set(beit_jax.list_models("beit*", pretrained=True))
+    theirs = {n for n in timm.list_models("beit*", pretrained=True) if not n.startswith("beit3")}
+    assert ours == theirs
+    assert set(beit_jax.list_models("beit*")) == {n for n in timm.list_models("beit*") if not n.startswith("beit3")}
+    for name in sorted(ours) + beit_jax.list_models():
+        tcfg = timm.models.get_pretrained_cfg(name) if "." in name else \
+            timm.create_model(name, pretrained=False).pretrained_cfg
+        cfg = beit_jax.get_pretrained_cfg(name)
+        if "." not in name:
+            assert cfg.tag == tcfg["tag"], f"default tag of {name}"
+        tcfg = tcfg if isinstance(tcfg, dict) else tcfg.to_dict()
+        assert cfg.hf_hub_id == tcfg["hf_hub_id"]
+        assert cfg.num_classes == tcfg["num_classes"]
+        assert tuple(cfg.input_size) == tuple(tcfg["input_size"])
+        assert cfg.crop_pct == tcfg["crop_pct"] and cfg.interpolation == tcfg["interpolation"]
+        assert tuple(cfg.mean) == tuple(tcfg["mean"]) and tuple(cfg.std) == tuple(tcfg["std"])
+
+
+def test_unknown_names_are_clear():
+    with pytest.raises(ValueError, match="unknown BEiT architecture 'beit_huge_patch14_224'"):
+        beit_jax.create_model("beit_huge_patch14_224")
+    with pytest.raises(ValueError, match="known tags: in22k_ft_in22k_in1k"):
+        beit_jax.create_model("beit_base_patch16_224.in1k")
