@@ -142,6 +142,11 @@ def create_model(
     """
     from . import weights  # weights imports this module; keep the import one-way at load time
 
+    saved = weights.read_checkpoint_config(checkpoint_path) if checkpoint_path else None
+    if saved:  # a beit-jax export: its head size / resolution / pooling unless asked otherwise
+        num_classes = saved.get("num_classes") if num_classes is None else num_classes
+        img_size = saved.get("img_size") if img_size is None else img_size
+        global_pool = saved.get("global_pool") if global_pool is None else global_pool
     model = build_model(name, num_classes=num_classes, img_size=img_size, global_pool=global_pool,
                         drop_path_rate=drop_path_rate, dtype=dtype, param_dtype=param_dtype, **kwargs)
     if checkpoint_path is None and not pretrained:

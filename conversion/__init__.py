@@ -1,0 +1,1 @@
+"""Torch-side tools: timm <-> beit-jax checkpoint conversion and verification (needs torch + timm)."""

@@ -1,0 +1,69 @@
+"""beit-jax Flax checkpoint (.msgpack + .json) -> timm-loadable .safetensors state dict.
+
+    python -m conversion.flax_to_timm out/finetuned.msgpack -o finetuned.safetensors --verify
+
+The result loads with strict=True:
+    timm.create_model(ARCH, num_classes=K, pretrained=True,
+                      pretrained_cfg_overlay=dict(file="finetuned.safetensors", num_classes=K))
+(num_classes in the overlay too: otherwise timm treats the head as foreign and re-initialises it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import beit_jax
+from beit_jax import weights
+
+
+def load_flax(path: str, model_name=None):
+    """(module, variables) from a .msgpack export; its .json gives the architecture and head size."""
+    cfg = weights.read_checkpoint_config(path) or {}
+    name = model_name or cfg.get("model")
+    if not name:
+        raise SystemExit(f"error: {path} has no .json config beside it: pass --model ARCH")
+    return beit_jax.create_model(name, checkpoint_path=path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conversion.flax_to_timm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="beit-jax .msgpack file (its .json config beside it)")
+    ap.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    ap.add_argument("--model", help="architecture, when the .json config is missing")
+    ap.add_argument("--verify", action="store_true",
+                    help="load the output into timm (strict) and compare logits with the Flax model")
+    ap.add_argument("--tolerance", type=float, default=1e-4)
+    args = ap.parse_args(argv)
+    try:
+        model, variables = load_flax(args.checkpoint, args.model)
+    except (weights.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sd = beit_jax.to_timm_state_dict(variables, model)
+    out = Path(args.output)
+    weights.save_safetensors(sd, out)
+    print(f"wrote {out} ({len(sd)} tensors, {model.pretrained_cfg.architecture}, num_classes={model.num_classes})")
+    if args.verify:
+        import timm
+        import torch
+
+        tm = timm.create_model(model.pretrained_cfg.architecture, pretrained=True, num_classes=model.num_classes,
+                               img_size=model.img_size, global_pool=model.global_pool,
+                               pretrained_cfg_overlay=dict(file=str(out), num_classes=model.num_classes)).eval()
+        x = np.random.RandomState(0).randn(2, model.img_size, model.img_size, 3).astype(np.float32)
+        with torch.no_grad():
+            ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        diff = float(np.abs(np.asarray(model.apply(variables, x)) - ref).max())
+        print(f"  timm (strict load) vs Flax: max abs logit difference {diff:.3g}")
+        if diff > args.tolerance:
+            print(f"FAILED: {diff:.3g} > {args.tolerance:g}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
