@@ -89,15 +89,28 @@ def center_crop(img: Image.Image, size: Tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + crop_w, top + crop_h))
 
 
-def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """ToTensor + Normalize in float32, HWC: (uint8 / 255 - mean) / std with torch's rounding."""
+def to_uint8_array(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    x = arr.astype(np.float32) / np.float32(255.0)
-    x -= np.asarray(mean, dtype=np.float32)
-    x /= np.asarray(std, dtype=np.float32)
-    return x
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalize(x, mean: Sequence[float], std: Sequence[float]):
+    """ToTensor + Normalize on uint8 (..., H, W, C): (x / 255 - mean) / std in float32, torch's rounding.
+
+    Works on numpy arrays and on jax arrays (so batches can travel to the device as uint8).
+    """
+    xp = np if isinstance(x, np.ndarray) else _jnp()
+    x = x.astype(xp.float32) / xp.float32(255.0)
+    return (x - xp.asarray(mean, dtype=xp.float32)) / xp.asarray(std, dtype=xp.float32)
+
+
+def _jnp():
+    import jax.numpy as jnp
+    return jnp
+
+
+def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    return normalize(to_uint8_array(img), mean, std)
 
 
 class EvalTransform:
@@ -131,6 +144,10 @@ class EvalTransform:
     def __call__(self, img: Image.Image) -> np.ndarray:
         return to_normalized_array(self.resize_and_crop(img), self.mean, self.std)
 
+    def crop_uint8(self, img: Image.Image) -> np.ndarray:
+        """Resize + crop only: (H, W, 3) uint8; `normalize` finishes the job (on host or device)."""
+        return to_uint8_array(self.resize_and_crop(img))
+
     def __repr__(self):
         return (f"EvalTransform(size={self.size}, scale_size={self.scale_size}, "
                 f"interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std})")
@@ -147,18 +164,25 @@ def create_transform(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.
     return EvalTransform(input_size, interpolation, mean, std, crop_pct, crop_mode)
 
 
-def load_image(path: Union[str, os.PathLike], mode: str = "RGB", exif_transpose: bool = False) -> Image.Image:
+def load_image(path: Union[str, os.PathLike, bytes], mode: str = "RGB", exif_transpose: bool = False,
+               name: Optional[str] = None) -> Image.Image:
     """Open and fully decode an image as `mode` (RGB by default, as timm's dataset does).
 
-    Any failure (missing, truncated, not an image, decompression bomb) raises ImageLoadError naming
-    the file. exif_transpose applies the EXIF orientation (timm does not, so the default is off).
+    path may also be the encoded bytes (name then labels errors). Any failure (missing,
+    truncated, not an image, decompression bomb) raises ImageLoadError naming the file.
+    exif_transpose applies the EXIF orientation (timm does not, so the default is off).
     """
-    path = os.fspath(path)
+    import io
+
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        src, label = io.BytesIO(path), name or "<bytes>"
+    else:
+        src = label = os.fspath(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", message="Palette images with Transparency")
-            with Image.open(path) as img:
+            with Image.open(src) as img:
                 if exif_transpose:
                     from PIL import ImageOps
                     img = ImageOps.exif_transpose(img)
@@ -167,4 +191,4 @@ def load_image(path: Union[str, os.PathLike], mode: str = "RGB", exif_transpose:
                 return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, EOFError) as e:
-        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {e}") from e
