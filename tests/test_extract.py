@@ -1,0 +1,186 @@
+"""`beit-jax extract`: parity with model.apply, bad images, kill/resume, multi-device and multi-host."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+import beit_jax
+from beit_jax.extract import OutputMismatchError, extract, read_failures, read_features
+from conftest import ROOT
+
+HELPER = ROOT / "tests" / "helpers" / "extract_parity.py"
+BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
+          "truncated_end_chunk.png"}
+
+
+def _env(devices: int, **extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def mixed_list(tmp_path_factory, imagenet_dir, odd_dir):
+    """13 real photos interleaved with every odd/broken file: 40 inputs, 5 unreadable."""
+    real = sorted(imagenet_dir.iterdir())[:13]
+    odd = sorted(odd_dir.iterdir())
+    assert len(odd) == 27
+    items = [str(p) for pair in zip(odd, real + [None] * len(odd)) for p in pair if p is not None]
+    path = tmp_path_factory.mktemp("lists") / "inputs.txt"
+    path.write_text("\n".join(items) + "\n")
+    return path, items
+
+
+@pytest.mark.parametrize("devices,configs", [
+    (1, [dict(batch_size=8, parallel="sharded"), dict(batch_size=6, parallel="pmap", workers=0)]),
+    (8, [dict(batch_size=16, parallel="sharded", backend="process"), dict(batch_size=8, parallel="pmap")]),
+])
+def test_features_equal_model_apply_one_by_one(devices, configs, mixed_list, tmp_path):
+    list_file, items = mixed_list
+    res = subprocess.run([sys.executable, str(HELPER), str(list_file), str(tmp_path), json.dumps(configs)],
+                         env=_env(devices), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["devices"] == devices
+    assert {os.path.basename(p) for p in report["broken"]} == BROKEN
+    readable = [p for p in items if p not in report["broken"]]
+    for run in report["runs"]:
+        assert run["paths"] == readable, run["parallel"]  # every readable image, in input order
+        assert run["max_abs"] <= 1e-5, run
+        assert run["failed"] == sorted(report["broken"], key=items.index)
+        assert all("cannot read image" in e for e in run["errors"])
+        assert run["summary_failed"] == len(BROKEN)
+        assert run["compiled"] == 1  # the padded last batch did not recompile
+
+
+def _extract_cmd(src, out, *extra):
+    return [sys.executable, "-m", "beit_jax.cli", "extract", str(src), "--output", str(out), "--random-weights",
+            "--no-progress", *map(str, extra)]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(imagenet_dir, tmp_path):
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sorted(imagenet_dir.iterdir())[:40]) + "\n")
+    args = ["--batch-size", "4", "--shard-size", "4", "--workers", "1"]
+    ref = subprocess.run(_extract_cmd(src, tmp_path / "ref", *args), env=_env(1), capture_output=True,
+                         text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_extract_cmd(src, out, *args), env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = [n for n in os.listdir(out)] if out.exists() else []
+        if sum(n.startswith("shard-") for n in done) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("extract finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards_at_kill = sorted(n for n in os.listdir(out) if n.startswith("shard-"))
+    assert 3 <= len(shards_at_kill) < 10
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+    again = subprocess.run(_extract_cmd(src, out, *args), env=_env(1), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --resume" in again.stderr  # no silent overwrite
+    resumed = subprocess.run(_extract_cmd(src, out, *args, "--resume"), env=_env(1), capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(shards_at_kill)}/10 shards already done" in resumed.stdout
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+
+    p_ref, f_ref = read_features(tmp_path / "ref")
+    p_res, f_res = read_features(out)
+    assert p_res == p_ref and len(p_ref) == 40
+    np.testing.assert_array_equal(f_res, f_ref)
+
+
+def test_refuses_to_mix_runs_in_one_folder(imagenet_dir, tmp_path):
+    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0)
+    imgs = sorted(imagenet_dir.iterdir())[:3]
+    src = [str(p) for p in imgs]
+    extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False)
+    with pytest.raises(OutputMismatchError, match="already holds a complete run"):
+        extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False)
+    summary = extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True)
+    assert summary["images"] == 0 and summary["skipped_shards"] == summary["shards"] == 1
+    other = jax_tree_add(variables, 1e-3)
+    with pytest.raises(OutputMismatchError, match="weights_sha256"):
+        extract(src, str(tmp_path / "o"), model, other, batch_size=4, progress=False, resume=True)
+    with pytest.raises(OutputMismatchError, match="outputs: folder has \\['pooled'\\], this run \\['tokens'\\]"):
+        extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True,
+                outputs=["tokens"])
+
+
+def jax_tree_add(tree, eps):
+    import jax
+    return jax.tree_util.tree_map(lambda a: a + eps, tree)
+
+
+def test_tar_shards_folder_and_list_agree(imagenet_dir, odd_dir, tmp_path):
+    imgs = sorted(imagenet_dir.iterdir())[:5] + [odd_dir / "broken.png", odd_dir / "pil_sample_cmyk.jpg"]
+    folder = tmp_path / "folder" / "sub"
+    folder.mkdir(parents=True)
+    for p in imgs:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tf:
+        for p in sorted(folder.iterdir()):
+            tf.add(p, arcname=p.name)
+    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0, rng=3)
+    kw = dict(batch_size=4, progress=False, outputs=["pooled", "tokens"])
+    extract(str(tmp_path / "folder"), str(tmp_path / "a"), model, variables, **kw)
+    extract(str(tmp_path / "shard-*.tar"), str(tmp_path / "b"), model, variables, **kw)
+    pa, fa = read_features(tmp_path / "a")
+    pb, fb = read_features(tmp_path / "b")
+    assert [os.path.basename(p) for p in pa] == [os.path.basename(p) for p in pb]
+    assert len(pa) == 6 and pb[0].startswith(str(tmp_path / "shard-0.tar") + "/")
+    np.testing.assert_array_equal(fa, fb)
+    assert read_features(tmp_path / "a", "tokens")[1].shape == (6, 197, 768)
+    assert [os.path.basename(f["path"]) for f in read_failures(tmp_path / "b")] == ["broken.png"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("parallel", ["sharded", "pmap"])
+def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_path):
+    """Two real processes on loopback (gloo CPU collectives, 4 devices each) vs one process."""
+    list_file, items = mixed_list
+    args = ["--batch-size", "8", "--shard-size", "8", "--parallel", parallel, "--outputs", "pooled,logits"]
+    single = subprocess.run(_extract_cmd(list_file, tmp_path / "single", *args), env=_env(8),
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr
+
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _extract_cmd(list_file, tmp_path / "multi", *args, "--coordinator", f"127.0.0.1:{port}",
+                     "--num-processes", "2", "--process-id", str(i), "--cpu-collectives", "gloo"),
+        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    assert "8 devices x 2 processes" in outs[0][0]
+    shard_files = sorted(n for n in os.listdir(tmp_path / "multi") if n.startswith("shard-"))
+    assert any("-p000-of-002" in n for n in shard_files) and any("-p001-of-002" in n for n in shard_files)
+
+    for output in ("pooled", "logits"):
+        p1, f1 = read_features(tmp_path / "single", output)
+        p2, f2 = read_features(tmp_path / "multi", output)
+        assert p1 == p2 and len(p1) == len(items) - len(BROKEN)
+        np.testing.assert_allclose(f2, f1, atol=1e-5)
+    assert read_failures(tmp_path / "multi") == read_failures(tmp_path / "single")
