@@ -28,6 +28,7 @@ import numpy as np
 
 from . import parallel as par
 from .data import Decoder, ImageRef, batches, list_images
+from .model import default_micro_batch
 from .transforms import EvalTransform, normalize, resolve_data_config
 
 OUTPUTS = ("pooled", "tokens", "logits")
@@ -189,13 +190,15 @@ def extract(
     shard_size: int = 4096,
     progress: bool = True,
     data_config: Optional[Dict[str, Any]] = None,
-    log=print,
+    micro_batch: Any = "auto",
 ) -> Dict[str, Any]:
     """Run `model` over every image of `src` and write features to `output_dir`. Returns a summary.
 
     batch_size is global (all devices of all processes). outputs: any of 'pooled' (B, D), 'tokens'
     (B, 1+N, D), 'logits' (B, classes). shard_size: rows per shard file per process (rounded down
-    to whole local batches). Unreadable inputs are recorded and skipped; the run still succeeds.
+    to whole local batches). micro_batch: rows per device step chunk ('auto': 8 on CPU, whole
+    batch on accelerators; see model.chunked). Unreadable inputs are recorded and skipped; the
+    run still succeeds.
     """
     t_start = time.perf_counter()
     outputs = tuple(dict.fromkeys(outputs))
@@ -206,7 +209,8 @@ def extract(
     transform = EvalTransform(cfg["input_size"], cfg["interpolation"], cfg["mean"], cfg["std"], cfg["crop_pct"],
                               cfg.get("crop_mode", "center"))
     refs = list_images(src)
-    dp = par.DataParallel(make_forward(model, outputs, cfg["mean"], cfg["std"]), mode=parallel)
+    dp = par.DataParallel(make_forward(model, outputs, cfg["mean"], cfg["std"]), mode=parallel,
+                          micro_batch=default_micro_batch() if micro_batch == "auto" else micro_batch)
     local_batch = dp.local_batch_size(batch_size)
     plan = Plan(len(refs), dp.process_index, dp.process_count, local_batch, max(1, shard_size // local_batch))
 

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .model import chunked
+
 MODES = ("sharded", "pmap")
 DATA_AXIS = "data"
 
@@ -40,9 +42,14 @@ class DataParallel:
     JAX 0.8 it is itself built on jit + shard_map).
     """
 
-    def __init__(self, fn: Callable, mode: str = "sharded", donate_inputs: bool = True):
+    def __init__(self, fn: Callable, mode: str = "sharded", donate_inputs: bool = True,
+                 micro_batch: Optional[int] = None):
         if mode not in MODES:
             raise ValueError(f"parallel mode must be one of {MODES} (got {mode!r})")
+        if micro_batch and (mode == "pmap" or jax.device_count() == 1):
+            # per-device chunks (see model.chunked); a sharded multi-device batch is left whole so
+            # XLA keeps partitioning it along the batch axis.
+            fn = chunked(fn, micro_batch)
         self.fn, self.mode = fn, mode
         self.traces = 0
 
