@@ -91,9 +91,80 @@ def _register_extract(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _register_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune on an ImageFolder (layer-decay AdamW, the BEiT recipe)",
+        description="Fine-tune a BEiT on ROOT/CLASS/IMAGE folders with AdamW + layer-wise lr decay, "
+                    "warmup + cosine, label smoothing and drop path. Writes OUTPUT/checkpoint.msgpack "
+                    "(resumable), OUTPUT/metrics.jsonl and, when done, OUTPUT/model.msgpack + model.json "
+                    "(loadable by create_model(..., checkpoint_path=) and conversion.flax_to_timm).")
+    p.add_argument("--train", required=True, help="training ImageFolder")
+    p.add_argument("--val", help="validation ImageFolder (top-1/top-5 reported)")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--model", default="beit_base_patch16_224", help="architecture or arch.tag (default: %(default)s)")
+    p.add_argument("--checkpoint", metavar="FILE", help="starting weights instead of the Hub download")
+    p.add_argument("--random-weights", action="store_true", help="start from random init (smoke tests only)")
+    p.add_argument("--img-size", type=int, default=None, help="train resolution (position tables are resized)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype; master params stay float32 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="accumulate gradients over N batches")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (default: timm's 0.08 1.0)")
+    p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="decode threads (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args):
+        import json
+        import sys
+
+        import jax.numpy as jnp
+
+        import beit_jax
+        from beit_jax import finetune
+        from beit_jax.cli import _load_model
+        from beit_jax.data import list_image_folder
+
+        _, _, classes = list_image_folder(args.train)
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        try:
+            model, variables = _load_model(args, num_classes=len(classes), img_size=args.img_size,
+                                           drop_path_rate=args.drop_path, dtype=dtype)
+        except beit_jax.PretrainedUnavailableError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        cfg = finetune.TrainConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                                   layer_decay=args.layer_decay, warmup_steps=args.warmup_steps,
+                                   total_steps=args.steps, label_smoothing=args.label_smoothing,
+                                   grad_accum=args.grad_accum, seed=args.seed,
+                                   crop_scale=tuple(args.crop_scale), hflip=args.hflip)
+        out = finetune.train(model, variables, args.train, val_dir=args.val, output_dir=args.output,
+                             batch_size=args.batch_size, cfg=cfg, workers=args.workers,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume,
+                             max_steps=args.max_steps, eval_every=args.eval_every, progress=not args.no_progress)
+        print(json.dumps({k: v for k, v in out.items()}, default=float))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def jax_process_index() -> int:
     import jax
     return jax.process_index()
 
 
-REGISTRARS = [_register_convert, _register_extract]
+REGISTRARS = [_register_convert, _register_extract, _register_finetune]

@@ -31,6 +31,7 @@ class ImageRef:
     path: str
     offset: int = -1  # tar member data offset; -1: the whole file
     size: int = -1
+    seed: int = -1  # per-sample augmentation seed (training); -1: deterministic transform
 
     def read_bytes(self) -> bytes:
         with open(self.path, "rb") as f:
@@ -106,12 +107,28 @@ def list_images(src: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]])
     raise ValueError(f"{src}: not a folder, .tar shard, list file ({', '.join(sorted(LIST_EXTENSIONS))}) or image")
 
 
+def list_image_folder(root: Union[str, os.PathLike]) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
+    """An ImageFolder layout (one sub-folder per class): (refs, int labels, sorted class names)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE files)")
+    refs, labels = [], []
+    for label, name in enumerate(classes):
+        found = _walk(os.path.join(root, name))
+        refs.extend(found)
+        labels.extend([label] * len(found))
+    return refs, np.asarray(labels, np.int32), classes
+
+
 def decode(ref: ImageRef, transform: EvalTransform) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """(uint8 (H, W, 3) crop, None) or (None, reason). Never raises for a bad input."""
     try:
         data = ref.read_bytes() if ref.offset >= 0 else ref.path
         img = load_image(data, name=ref.id)
-        return transform.crop_uint8(img), None
+        return (transform.crop_uint8(img, ref.seed) if ref.seed >= 0 else transform.crop_uint8(img)), None
     except ImageLoadError as e:
         return None, str(e)
     except Exception as e:  # a decoder bug or an I/O error must not end a million-image run
