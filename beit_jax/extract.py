@@ -275,6 +275,8 @@ def extract(
         a["errors"].extend(hb.errors)
         stats["rows"] += int(hb.valid.sum())
         stats["failed"] += len(hb.errors)
+        if step == 0:  # compile and warm-up end here: steady-state throughput counts from now
+            stats["t_first"], stats["rows_first"] = time.perf_counter(), stats["rows"]
         if bar is not None:
             bar.update(int((hb.indices >= 0).sum()))
         if step + 1 == len(shard_of_step) or shard_of_step[step + 1] != s:
@@ -306,9 +308,13 @@ def extract(
     if plan.process_index == 0:
         _finalize(output_dir, manifest)
     par.sync("beit-jax-finalized")
-    elapsed = time.perf_counter() - t_start
+    t_end = time.perf_counter()
+    elapsed = t_end - t_start
+    steady_rows = stats["rows"] - stats.get("rows_first", 0)
+    steady_s = t_end - stats.get("t_first", t_end)
     summary = dict(images=stats["rows"], failed=stats["failed"], seconds=elapsed,
                    images_per_sec=stats["rows"] / elapsed if elapsed > 0 else 0.0,
+                   steady_images_per_sec=steady_rows / steady_s if steady_s > 0 else None,
                    decode_wait_s=stats["decode_wait_s"], device_wait_s=stats["device_wait_s"],
                    write_s=stats["write_s"], skipped_shards=int(done.sum()), shards=plan.num_shards,
                    devices=dp.num_devices, processes=dp.process_count, compiled_programs=dp.cache_size())

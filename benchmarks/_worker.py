@@ -2,7 +2,7 @@
 
     load IMPL ARCH DTYPE BATCH  -> {"compile_s": ...}   IMPL: beit-jax | beit-jax-plain | timm-eager |
                                                          timm-compile | matmul
-    run ITERS                   -> {"seconds": [...]}
+    run ITERS                   -> {"seconds": [...]}   (matmul: [{shape: GFLOP/s}, ...])
     rss                         -> {"max_rss_mb": ...}
 """
 import json
@@ -48,18 +48,31 @@ def load_timm(arch, dtype, batch, compile_):
     return step
 
 
+MATMUL_SHAPES = [(2048, 2048, 2048), (1576, 768, 3072), (1576, 3072, 768)]  # square + BEiT-B MLP at b8
+
+
 def load_matmul(dtype):
-    """The machine's matmul peak for this process: a 2048^3 fp32 product in XLA and in torch."""
+    """This machine's matmul peak: products of several shapes in XLA and in torch, fp32 or bf16
+    (bf16 with fp32 accumulation, as beit-jax runs it). Returns {name: (fn, flop)}."""
     import jax
     import jax.numpy as jnp
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    a = jnp.asarray(np.random.RandomState(0).randn(MATMUL_N, MATMUL_N).astype(np.float32))
-    f = jax.jit(jnp.dot)
-    ta = torch.from_numpy(np.asarray(a))
-    which = {"xla": lambda: f(a, a).block_until_ready(), "torch": lambda: ta @ ta}
-    return which
+    jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+    out = {}
+    rng = np.random.RandomState(0)
+    for m, k, n in MATMUL_SHAPES:
+        a = rng.randn(m, k).astype(np.float32)
+        b = rng.randn(k, n).astype(np.float32)
+        ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
+        ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
+        flop = 2 * m * k * n
+        out[f"xla {m}x{k}x{n}"] = ((lambda ja=ja, jb=jb: f(ja, jb).block_until_ready()), flop)
+        out[f"torch {m}x{k}x{n}"] = ((lambda ta=ta, tb=tb: ta @ tb), flop)
+    return out
 
 
 state = {}
@@ -72,7 +85,7 @@ for line in sys.stdin:
         t = time.perf_counter()
         if impl == "matmul":
             fns = load_matmul(dtype)
-            for f in fns.values():
+            for f, _ in fns.values():
                 f()
             state["step"] = fns
         else:
@@ -86,16 +99,16 @@ for line in sys.stdin:
         print(json.dumps({"compile_s": time.perf_counter() - t}), flush=True)
     elif cmd[0] == "run":
         step = state["step"]
-        if isinstance(step, dict):  # matmul: best of both libraries, per iteration
-            times = []
+        if isinstance(step, dict):  # matmul: GFLOP/s of every shape and library, per iteration
+            rates = []
             for _ in range(int(cmd[1])):
-                best = {}
-                for name, f in step.items():
+                r = {}
+                for name, (f, flop) in step.items():
                     t = time.perf_counter()
                     f()
-                    best[name] = time.perf_counter() - t
-                times.append(best)
-            print(json.dumps({"seconds": times}), flush=True)
+                    r[name] = flop / (time.perf_counter() - t) / 1e9
+                rates.append(r)
+            print(json.dumps({"seconds": rates}), flush=True)
             continue
         times = []
         for _ in range(int(cmd[1])):

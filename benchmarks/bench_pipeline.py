@@ -1,0 +1,143 @@
+"""Extraction pipeline on ../shared/data/imagenet-sample: decode-only, model-only and end-to-end.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--images 256] [--batch-size 32]
+
+1. pipeline only: decode + timm-exact resize/crop into fixed uint8 batches, per worker count and
+   backend (threads / spawned processes), no model;
+2. model only: the extraction forward (uint8 in, pooled features out) on synthetic batches, for
+   both parallel paths and both dtypes;
+3. end to end: `beit_jax.extract.extract` over the same images (random weights), per worker count.
+Writes benchmarks/results/pipeline.json and pipeline.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+SAMPLE = HERE.parent.parent / "shared" / "data" / "imagenet-sample"
+
+
+def pipeline_only(refs, transform, batch, workers, backend):
+    from beit_jax.data import Decoder, batches
+
+    with Decoder(transform, workers=workers, backend=backend, window=max(2 * batch, 16)) as dec:
+        t = time.perf_counter()
+        n = 0
+        for hb in batches(refs, list(range(len(refs))), batch, dec, (224, 224, 3)):
+            n += int(hb.valid.sum())
+        return n / (time.perf_counter() - t)
+
+
+def model_only(model, variables, batch, parallel, steps=6):
+    from beit_jax import parallel as par
+    from beit_jax.extract import make_forward
+    from beit_jax.model import default_micro_batch
+
+    dp = par.DataParallel(make_forward(model, ["pooled"], (0.5,) * 3, (0.5,) * 3), mode=parallel,
+                          micro_batch=default_micro_batch())
+    params = dp.replicate(variables)
+    x = np.random.RandomState(0).randint(0, 256, (batch, 224, 224, 3)).astype(np.uint8)
+    dp.fetch(dp(params, dp.put_batch(x)))  # compile
+    t = time.perf_counter()
+    outs = [dp(params, dp.put_batch(x)) for _ in range(steps)]  # dispatch ahead, as extract does
+    for o in outs:
+        dp.fetch(o)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def end_to_end(model, variables, src, batch, parallel, workers, backend):
+    from beit_jax.extract import extract
+
+    out = tempfile.mkdtemp(prefix="beit-bench-")
+    try:
+        s = extract(src, out, model, variables, batch_size=batch, parallel=parallel, workers=workers,
+                    backend=backend, progress=False)
+        return s
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--src", type=Path, default=SAMPLE)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    if not args.src.is_dir():
+        sys.exit(f"{args.src} not found: pass --src with a folder of images")
+
+    import jax
+    import jax.numpy as jnp
+
+    import beit_jax
+    from beit_jax.data import list_images
+    from beit_jax.transforms import EvalTransform
+
+    refs = list_images(str(args.src))[: args.images]
+    lst = Path(tempfile.mkdtemp()) / "inputs.txt"
+    lst.write_text("\n".join(r.path for r in refs) + "\n")
+    transform = EvalTransform((224, 224), "bicubic", (0.5,) * 3, (0.5,) * 3, 0.9)
+    bs = args.batch_size
+    res = {"images": len(refs), "batch_size": bs, "cpus": os.cpu_count(), "pipeline_only": [], "model_only": [],
+           "end_to_end": []}
+
+    for backend in ("thread", "process"):
+        for w in ([0, 1, 2, 3, 4] if backend == "thread" else [1, 2, 3]):
+            ips = pipeline_only(refs, transform, bs, w, backend)
+            res["pipeline_only"].append(dict(backend=backend, workers=w, img_per_s=ips))
+            print(f"pipeline only  {backend:7s} workers={w}: {ips:7.1f} img/s", flush=True)
+
+    models = {dt: beit_jax.create_model("beit_base_patch16_224", num_classes=0, dtype=d)
+              for dt, d in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
+    for dt, (model, variables) in models.items():
+        for parallel in ("sharded", "pmap"):
+            ips = model_only(model, variables, bs, parallel)
+            res["model_only"].append(dict(dtype=dt, parallel=parallel, img_per_s=ips))
+            print(f"model only     {dt} {parallel}: {ips:6.2f} img/s", flush=True)
+
+    e2e = [("float32", "sharded", 1, "thread"), ("float32", "sharded", 2, "thread"), ("float32", "sharded", 3, "thread"),
+           ("float32", "pmap", 2, "thread"), ("float32", "sharded", 2, "process"), ("bfloat16", "sharded", 2, "thread")]
+    for dt, parallel, w, backend in e2e:
+        model, variables = models[dt]
+        s = end_to_end(model, variables, str(lst), bs, parallel, w, backend)
+        mo = next(m["img_per_s"] for m in res["model_only"] if m["dtype"] == dt and m["parallel"] == parallel)
+        row = dict(dtype=dt, parallel=parallel, workers=w, backend=backend, img_per_s=s["images_per_sec"],
+                   steady_img_per_s=s["steady_images_per_sec"], vs_model_only=s["steady_images_per_sec"] / mo,
+                   decode_wait_s=s["decode_wait_s"],
+                   device_wait_s=s["device_wait_s"], seconds=s["seconds"])
+        res["end_to_end"].append(row)
+        print(f"end to end     {dt} {parallel} {backend} workers={w}: {row['steady_img_per_s']:6.2f} img/s steady, "
+              f"{row['img_per_s']:6.2f} with start-up "
+              f"({row['vs_model_only']:.2f}x model only; waited {row['decode_wait_s']:.1f}s on decode)", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(res, indent=2))
+    md = [f"{len(refs)} images of imagenet-sample, global batch {bs}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+          f"{jax.device_count()} device(s).", "", "Pipeline only (decode + resize + crop, no model):", "",
+          "| backend | workers | img/s |", "|---|---|---|"]
+    md += [f"| {r['backend']} | {r['workers']} | {r['img_per_s']:.1f} |" for r in res["pipeline_only"]]
+    md += ["", "Model only (extraction forward, uint8 in, pooled out):", "", "| dtype | parallel | img/s |", "|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['parallel']} | {r['img_per_s']:.2f} |" for r in res["model_only"]]
+    md += ["", "End to end (`extract` incl. decode, transfer and writing; steady = after the first batch, "
+           "total = with model start-up and compile):", "",
+           "| dtype | parallel | decode | workers | steady img/s | x model only | total img/s | waited on decode s |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['parallel']} | {r['backend']} | {r['workers']} | {r['steady_img_per_s']:.2f} | "
+           f"{r['vs_model_only']:.2f} | {r['img_per_s']:.2f} | {r['decode_wait_s']:.1f} |" for r in res["end_to_end"]]
+    (args.out / "pipeline.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
