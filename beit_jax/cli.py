@@ -39,6 +39,9 @@ def cmd_classify(args) -> int:
     except beit_jax.PretrainedUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from beit_jax.model import cast_for_inference
+
+    variables = cast_for_inference(model, variables)
     transform = beit_jax.create_transform(**beit_jax.resolve_data_config(model))
     names = class_names(model.num_classes)
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x).astype("float32"), axis=-1))

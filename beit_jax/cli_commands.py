@@ -162,9 +162,57 @@ def _register_finetune(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _register_bench(sub) -> None:
+    p = sub.add_parser("bench", help="model forward throughput on this machine's devices",
+                       description="Time the jitted forward (random weights, synthetic input) on all local "
+                                   "devices: compile time, images/s, achieved GFLOP/s. For peer comparisons "
+                                   "see benchmarks/ in the repository.")
+    p.add_argument("--model", default="beit_base_patch16_224")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 32], help="global batch sizes")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attn-impl", choices=["xla", "dot_product_attention"], default="xla")
+    p.add_argument("--seconds", type=float, default=5.0, help="time to measure per batch size")
+
+    def run(args):
+        import time
+
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        import beit_jax
+        from beit_jax import parallel
+        from beit_jax.model import cast_for_inference, default_micro_batch
+
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        model, variables = beit_jax.create_model(args.model, dtype=dtype, attn_impl=args.attn_impl)
+        n = model.num_patches + 1
+        d = model.embed_dim
+        gflop = (model.depth * (2 * n * 12 * d * d + 4 * n * n * d) + 2 * model.num_patches * 768 * d) / 1e9
+        print(f"{args.model} {args.dtype} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
+              f"{gflop:.1f} GFLOP/image")
+        for batch in args.batch_size:
+            dp = parallel.DataParallel(lambda v, x: model.apply(v, x), mode="sharded",
+                                       micro_batch=default_micro_batch())
+            params = dp.replicate(cast_for_inference(model, variables))
+            x = np.random.RandomState(0).randn(batch, model.img_size, model.img_size, 3).astype(np.float32)
+            t = time.perf_counter()
+            jax.block_until_ready(dp(params, dp.put_batch(x)))
+            compile_s = time.perf_counter() - t
+            steps, t = 0, time.perf_counter()
+            while time.perf_counter() - t < args.seconds or steps < 2:
+                jax.block_until_ready(dp(params, dp.put_batch(x)))
+                steps += 1
+            ips = steps * batch / (time.perf_counter() - t)
+            print(f"batch {batch:4d}: {ips:8.2f} img/s  {ips * gflop:8.0f} GFLOP/s  (compile {compile_s:.1f}s)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def jax_process_index() -> int:
     import jax
     return jax.process_index()
 
 
-REGISTRARS = [_register_convert, _register_extract, _register_finetune]
+REGISTRARS = [_register_convert, _register_extract, _register_finetune, _register_bench]

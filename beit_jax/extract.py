@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import parallel as par
+from ._io import atomic_write
 from .data import Decoder, ImageRef, batches, list_images
-from .model import default_micro_batch
+from .model import cast_for_inference, default_micro_batch
 from .transforms import EvalTransform, normalize, resolve_data_config
 
 OUTPUTS = ("pooled", "tokens", "logits")
@@ -123,28 +124,6 @@ def shard_name(shard: int, process: int, count: int) -> str:
     return f"shard-{shard:05d}-p{process:03d}-of-{count:03d}.npz"
 
 
-def _atomic_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_or_write_manifest(output_dir: str, manifest: Dict[str, Any], resume: bool) -> None:
     path = os.path.join(output_dir, MANIFEST)
     existing = None
@@ -171,7 +150,7 @@ def _check_or_write_manifest(output_dir: str, manifest: Dict[str, Any], resume: 
             raise OutputMismatchError(f"{output_dir} already holds a complete run; pass --resume to reuse it "
                                       f"(nothing to do) or use another --output folder")
     if jax.process_index() == 0:
-        _atomic_text(path, json.dumps(dict(manifest, status="running"), indent=2))
+        atomic_write(path, json.dumps(dict(manifest, status="running"), indent=2))
 
 
 def extract(
@@ -223,7 +202,8 @@ def extract(
                 pass
     manifest = {
         "format": "beit-jax/features-v1",
-        "model": model_name or (model.pretrained_cfg.name if model.pretrained_cfg else "Beit"),
+        # canonical arch.tag, so CLI ('beit_base_patch16_224') and API runs of one model agree
+        "model": model.pretrained_cfg.name if model.pretrained_cfg else (model_name or "Beit"),
         "weights_sha256": weights_fingerprint(variables),
         "outputs": list(outputs),
         "dtype": jnp.dtype(model.dtype).name,
@@ -249,7 +229,7 @@ def extract(
     slots_by_shard = {s: plan.shard_slots(s) for s in todo}
     todo_rows = sum(sum(1 for i in sl if i >= 0) for sl in slots_by_shard.values())
 
-    params = dp.replicate(variables)
+    params = dp.replicate(cast_for_inference(model, variables))
     image_shape = (transform.size[0], transform.size[1], 3)
     stats = dict(decode_wait_s=0.0, device_wait_s=0.0, write_s=0.0, rows=0, failed=0)
     bar = None
@@ -330,7 +310,8 @@ def _write_shard(output_dir, plan: Plan, shard: int, a, refs, outputs, image_sha
     arrays["failed_ids"] = np.array([i for i, _ in failed], dtype=np.int64)
     arrays["failed_paths"] = np.array([refs[i].id for i, _ in failed], dtype=str)
     arrays["failed_errors"] = np.array([e for _, e in failed], dtype=str)
-    _atomic_npz(os.path.join(output_dir, shard_name(shard, plan.process_index, plan.process_count)), arrays)
+    atomic_write(os.path.join(output_dir, shard_name(shard, plan.process_index, plan.process_count)),
+                 lambda f: np.savez(f, **arrays))
 
 
 def _shard_files(output_dir: str) -> List[str]:
@@ -344,9 +325,9 @@ def _finalize(output_dir: str, manifest: Dict[str, Any]) -> None:
             rows += len(z["ids"])
             failed.extend(zip(z["failed_ids"].tolist(), z["failed_paths"].tolist(), z["failed_errors"].tolist()))
     failed.sort()
-    _atomic_text(os.path.join(output_dir, FAILED),
+    atomic_write(os.path.join(output_dir, FAILED),
                  "".join(json.dumps({"path": p, "error": e}) + "\n" for _, p, e in failed))
-    _atomic_text(os.path.join(output_dir, MANIFEST),
+    atomic_write(os.path.join(output_dir, MANIFEST),
                  json.dumps(dict(manifest, status="complete", rows=rows, failed=len(failed)), indent=2))
 
 

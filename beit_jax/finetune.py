@@ -216,11 +216,11 @@ class ShardedTrainer:
 # ---- checkpoints --------------------------------------------------------------------------------
 def save_checkpoint(path: str, state: TrainState, extra: Optional[Dict[str, Any]] = None) -> None:
     """Atomically write the whole train state (params, optimizer, step, rng) + JSON-able extras."""
-    from .weights import _atomic_write
+    from ._io import atomic_write
 
     host = jax.device_get(state)
     payload = {"state": serialization.to_state_dict(host), "extra": json.dumps(extra or {})}
-    _atomic_write(path, serialization.msgpack_serialize(payload))
+    atomic_write(path, serialization.msgpack_serialize(payload))
 
 
 def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dict[str, Any]]:

@@ -16,6 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from .model import Beit, PretrainedCfg, trunc_normal
+from ._io import atomic_write
 from .relpos import resample_abs_pos_embed, resize_rel_pos_bias_table
 
 # Checkpoint entries that carry no weights: rebuilt by the model (timm drops them too).
@@ -271,17 +272,10 @@ def _load_torch_pickle(path: str) -> Dict[str, np.ndarray]:
 def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
                      metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a state dict as .safetensors atomically (temp file + rename)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
-                  metadata=metadata or {"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+                            metadata=metadata or {"format": "pt"}))
 
 
 def model_config_dict(model: Beit) -> Dict[str, Any]:
@@ -309,8 +303,8 @@ def save_flax_checkpoint(variables: Mapping[str, Any], model: Beit, path: str | 
         path += FLAX_CHECKPOINT_SUFFIX
     params = {"params": _numpy_tree(variables["params"])}
     json_path = path[: -len(FLAX_CHECKPOINT_SUFFIX)] + ".json"
-    _atomic_write(path, serialization.msgpack_serialize(params))
-    _atomic_write(json_path, json.dumps(model_config_dict(model), indent=2).encode())
+    atomic_write(path, serialization.msgpack_serialize(params))
+    atomic_write(json_path, json.dumps(model_config_dict(model), indent=2).encode())
     return path, json_path
 
 
@@ -318,19 +312,6 @@ def _numpy_tree(tree):
     import jax
 
     return jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_flax_checkpoint(path: str | os.PathLike, model: Beit) -> Dict[str, Any]:

@@ -22,9 +22,10 @@ def load_beit_jax(arch, dtype, batch, micro_batch=True):
     import jax.numpy as jnp
 
     import beit_jax
-    from beit_jax.model import chunked, default_micro_batch
+    from beit_jax.model import cast_for_inference, chunked, default_micro_batch
 
     model, variables = beit_jax.create_model(ARCH[arch], dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    variables = cast_for_inference(model, variables)  # bf16: weights cast once, not per call
     fn = chunked(model.apply, default_micro_batch()) if micro_batch else model.apply
     fwd = jax.jit(fn)
     x = jnp.asarray(np.random.RandomState(0).randn(batch, 224, 224, 3).astype(np.float32))

@@ -41,11 +41,11 @@ def pipeline_only(refs, transform, batch, workers, backend):
 def model_only(model, variables, batch, parallel, steps=6):
     from beit_jax import parallel as par
     from beit_jax.extract import make_forward
-    from beit_jax.model import default_micro_batch
+    from beit_jax.model import cast_for_inference, default_micro_batch
 
     dp = par.DataParallel(make_forward(model, ["pooled"], (0.5,) * 3, (0.5,) * 3), mode=parallel,
                           micro_batch=default_micro_batch())
-    params = dp.replicate(variables)
+    params = dp.replicate(cast_for_inference(model, variables))
     x = np.random.RandomState(0).randint(0, 256, (batch, 224, 224, 3)).astype(np.uint8)
     dp.fetch(dp(params, dp.put_batch(x)))  # compile
     t = time.perf_counter()

@@ -52,3 +52,9 @@ def test_classify_without_hub_explains(tmp_path, odd_dir):
                   env_extra=dict(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "c"), HF_HOME=str(tmp_path)))
     assert res.returncode == 2
     assert "--checkpoint FILE" in res.stderr and "HF_HOME" in res.stderr
+
+
+def test_bench_reports_throughput():
+    res = run_cli("bench", "--batch-size", "2", "--seconds", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "GFLOP/image" in res.stdout and "batch    2:" in res.stdout and "img/s" in res.stdout

@@ -262,3 +262,39 @@ def test_chunked_forward_equals_whole_batch():
     odd = jax.jit(chunked(model.apply, 3))(variables, x)  # 8 % 3 != 0: runs whole
     assert parts.shape == whole.shape == (8, 768)
     assert max_abs(parts, whole) < 1e-5 and max_abs(odd, whole) < 1e-5
+
+
+def test_attention_maps_match_timm():
+    """Attention probabilities of a block equal what timm's (non-fused) attention computes."""
+    name = "beit_base_patch16_224"
+    tm = timm_model(name)
+    model = beit_jax.build_model(name)
+    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    x = random_images(1, 224, seed=13)
+    captured = {}
+    blk = tm.blocks[5].attn
+    hook = blk.attn_drop.register_forward_hook(lambda mod, inp, out: captured.setdefault("attn", inp[0].detach()))
+    blk.fused_attn = False
+    try:
+        with torch.no_grad():
+            tm(to_nchw(x))
+    finally:
+        blk.fused_attn = True
+        hook.remove()
+    maps = model.apply(variables, x, block=5, method="attention_maps")
+    assert maps.shape == (1, 12, 197, 197)
+    assert max_abs(maps, captured["attn"].numpy()) < 1e-5
+
+
+def test_cast_for_inference_is_exact():
+    from beit_jax.model import cast_for_inference
+
+    model, variables = beit_jax.create_model("beit_base_patch16_224", dtype=jnp.bfloat16)
+    cast = cast_for_inference(model, variables)
+    p = cast["params"]
+    assert p["blocks_0"]["attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
+    assert p["blocks_0"]["norm1"]["scale"].dtype == jnp.float32
+    assert p["blocks_0"]["attn"]["relative_position_bias_table"].dtype == jnp.float32
+    x = random_images(2, 224, seed=14)
+    fwd = jax.jit(model.apply)
+    assert np.array_equal(np.asarray(fwd(variables, x), np.float32), np.asarray(fwd(cast, x), np.float32))
