@@ -154,3 +154,32 @@ def test_linear_probe_on_extracted_features(digits, tmp_path):
     res = finetune.linear_probe(*feats["train"], *feats["val"], steps=300)
     print(f"linear probe on random-init features: train {res['train_top1']:.3f} val {res['val_top1']:.3f}")
     assert res["val_top1"] > 0.5
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=4, img_size=32, depth=1)
+    cfg = finetune.TrainConfig(lr=1e-3, warmup_steps=1, total_steps=10, grad_accum=2)
+    tx = finetune.make_optimizer(model, variables, cfg)
+    trainer = finetune.ShardedTrainer(model, tx, cfg, (0.5,) * 3, (0.5,) * 3)
+    state = trainer.put_state(finetune.create_train_state(model, variables, tx))
+    rng = np.random.RandomState(0)
+    kernels = [np.asarray(state.params["head"]["kernel"])]
+    for _ in range(4):
+        batch = (rng.randint(0, 256, (4, 32, 32, 3)).astype(np.uint8), rng.randint(0, 4, (4,)).astype(np.int32),
+                 np.ones((4,), np.float32))
+        state, _ = trainer.train_step(state, *trainer.put(*batch))
+        kernels.append(np.asarray(state.params["head"]["kernel"]))
+    changed = [not np.array_equal(a, b) for a, b in zip(kernels, kernels[1:])]
+    assert changed == [False, True, False, True]
+
+
+def test_train_augmentation_is_seeded_and_random(imagenet_dir):
+    from beit_jax.augment import TrainTransform
+
+    img = beit_jax.load_image(sorted(imagenet_dir.iterdir())[0])
+    tf = TrainTransform((224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
+    a, b, c = tf.crop_uint8(img, 1), tf.crop_uint8(img, 1), tf.crop_uint8(img, 2)
+    assert a.shape == (224, 224, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # same seed, same crop: resumable
+    x = tf(img, 3)
+    assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
