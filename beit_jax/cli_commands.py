@@ -56,14 +56,23 @@ def _register_extract(sub) -> None:
     p.add_argument("--cpu-collectives", choices=["gloo", "mpi"], help="CPU multi-process collectives (testing)")
 
     def run(args):
+        from beit_jax import parallel
+
+        distributed = bool(args.coordinator or args.distributed)
+        if distributed:
+            parallel.init_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
+        try:
+            return _run_extract(args)
+        finally:
+            if distributed:  # leave together, right after the last barrier, not at interpreter exit
+                import jax
+                jax.distributed.shutdown()
+
+    def _run_extract(args):
         import sys
 
         import jax.numpy as jnp
 
-        from beit_jax import parallel
-
-        if args.coordinator or args.distributed:
-            parallel.init_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
         import beit_jax
         from beit_jax.cli import _load_model
         from beit_jax.extract import OutputMismatchError, extract

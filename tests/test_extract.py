@@ -167,11 +167,14 @@ def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_
     assert single.returncode == 0, single.stderr
 
     port = _free_port()
-    procs = [subprocess.Popen(
+    logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
+    procs = [subprocess.Popen(  # output to files: a full pipe must not stall one process of the pair
         _extract_cmd(list_file, tmp_path / "multi", *args, "--coordinator", f"127.0.0.1:{port}",
                      "--num-processes", "2", "--process-id", str(i), "--cpu-collectives", "gloo"),
-        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+        env=_env(4, PYTHONUNBUFFERED="1"), stdout=logs[i][0], stderr=logs[i][1], text=True) for i in range(2)]
+    for p in procs:
+        p.wait(timeout=900)
+    outs = [((tmp_path / f"p{i}.out").read_text(), (tmp_path / f"p{i}.err").read_text()) for i in range(2)]
     for p, (so, se) in zip(procs, outs):
         assert p.returncode == 0, se[-3000:]
     assert "8 devices x 2 processes" in outs[0][0]
