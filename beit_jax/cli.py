@@ -6,6 +6,8 @@ import json
 import sys
 from typing import List, Optional
 
+from .cli_commands import REGISTRARS, load_model
+
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str = "beit_base_patch16_224") -> None:
     p.add_argument("--model", default=default_model,
@@ -17,15 +19,6 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = "beit_base_
                    help="skip loading weights (random init): for smoke tests and benchmarks only")
 
 
-def _load_model(args, **kwargs):
-    import beit_jax
-
-    if args.random_weights:
-        return beit_jax.create_model(args.model, **kwargs)
-    return beit_jax.create_model(args.model, pretrained=args.checkpoint is None,
-                                 checkpoint_path=args.checkpoint, **kwargs)
-
-
 def cmd_classify(args) -> int:
     import jax
     import numpy as np
@@ -35,7 +28,7 @@ def cmd_classify(args) -> int:
     from beit_jax.transforms import ImageLoadError, load_image
 
     try:
-        model, variables = _load_model(args)
+        model, variables = load_model(args)
     except beit_jax.PretrainedUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,15 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_classify)
 
-    for register in _subcommand_registrars():
+    for register in REGISTRARS:
         register(sub)
     return parser
-
-
-def _subcommand_registrars():
-    from . import cli_commands
-
-    return cli_commands.REGISTRARS
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,7 +1,18 @@
-"""Sub-commands of `beit-jax` beyond classify; each registers its own parser."""
+"""Sub-commands of `beit-jax` beyond classify; each registers its own parser. (cli.py imports this
+module, never the other way round.)"""
 from __future__ import annotations
 
 import argparse
+
+
+def load_model(args, **kwargs):
+    """(module, variables) for --model with --random-weights, --checkpoint or the Hub download."""
+    import beit_jax
+
+    if args.random_weights:
+        return beit_jax.create_model(args.model, **kwargs)
+    return beit_jax.create_model(args.model, pretrained=args.checkpoint is None,
+                                 checkpoint_path=args.checkpoint, **kwargs)
 
 
 def _register_convert(sub) -> None:
@@ -74,12 +85,11 @@ def _register_extract(sub) -> None:
         import jax.numpy as jnp
 
         import beit_jax
-        from beit_jax.cli import _load_model
         from beit_jax.extract import OutputMismatchError, extract
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         try:
-            model, variables = _load_model(args, dtype=dtype, num_classes=args.num_classes)
+            model, variables = load_model(args, dtype=dtype, num_classes=args.num_classes)
             summary = extract(args.src, args.output, model, variables, model_name=args.model,
                               batch_size=args.batch_size, parallel=args.parallel,
                               outputs=[o.strip() for o in args.outputs.split(",") if o.strip()],
@@ -145,13 +155,12 @@ def _register_finetune(sub) -> None:
 
         import beit_jax
         from beit_jax import finetune
-        from beit_jax.cli import _load_model
         from beit_jax.data import list_image_folder
 
         _, _, classes = list_image_folder(args.train)
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         try:
-            model, variables = _load_model(args, num_classes=len(classes), img_size=args.img_size,
+            model, variables = load_model(args, num_classes=len(classes), img_size=args.img_size,
                                            drop_path_rate=args.drop_path, dtype=dtype)
         except beit_jax.PretrainedUnavailableError as e:
             print(f"error: {e}", file=sys.stderr)
