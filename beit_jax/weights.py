@@ -315,7 +315,8 @@ def _numpy_tree(tree):
 
 
 def load_flax_checkpoint(path: str | os.PathLike, model: Beit) -> Dict[str, Any]:
-    """Read a beit-jax .msgpack export and check it against `model` (via the timm mapping)."""
+    """Read a beit-jax .msgpack export as {'params': ...} (numpy leaves). `model` is accepted for API
+    symmetry; `load_checkpoint` is what checks the tree against a model (through the timm mapping)."""
     from flax import serialization
 
     path = os.fspath(path)
