@@ -204,9 +204,7 @@ def _register_bench(sub) -> None:
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model, variables = beit_jax.create_model(args.model, dtype=dtype, attn_impl=args.attn_impl)
-        n = model.num_patches + 1
-        d = model.embed_dim
-        gflop = (model.depth * (2 * n * 12 * d * d + 4 * n * n * d) + 2 * model.num_patches * 768 * d) / 1e9
+        gflop = model.gflop_per_image
         print(f"{args.model} {args.dtype} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
               f"{gflop:.1f} GFLOP/image")
         for batch in args.batch_size:

@@ -352,6 +352,16 @@ class Beit(nn.Module):
     def num_features(self) -> int:
         return self.embed_dim
 
+    @property
+    def gflop_per_image(self) -> float:
+        """Forward FLOPs per image in GFLOP: 2 x MACs of every matmul (patch embed, qkv, attention,
+        proj, MLP, head), the count benchmarks use for GFLOP/s and model FLOP utilisation."""
+        n, d = self.num_patches + 1, self.embed_dim
+        hidden = int(d * self.mlp_ratio)
+        per_block = 2 * n * (4 * d * d + 2 * d * hidden) + 2 * 2 * n * n * d
+        patch = 2 * self.num_patches * self.patch_size ** 2 * self.in_chans * d
+        return (self.depth * per_block + patch + 2 * d * self.num_classes) / 1e9
+
     def setup(self):
         if self.global_pool not in ("", "avg", "token"):
             raise ValueError(f"global_pool must be 'avg', 'token' or '' (got {self.global_pool!r})")

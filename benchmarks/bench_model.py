@@ -26,14 +26,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FLAXBEIT_PY = HERE / ".venv-flaxbeit" / "bin" / "python"
+ARCH = {"base": "beit_base_patch16_224", "large": "beit_large_patch16_224"}
+sys.path.insert(0, str(ROOT))
 
 
 def model_gflop(arch: str) -> float:
-    """Forward FLOPs per 224x224 image (2 x MACs of every matmul, attention included)."""
-    d, depth = {"base": (768, 12), "large": (1024, 24)}[arch]
-    n, patches = 197, 196
-    per_block = 2 * n * (3 * d * d + d * d + 2 * d * 4 * d) + 2 * 2 * n * n * d
-    return (depth * per_block + 2 * patches * 768 * d + 2 * d * 1000) / 1e9
+    """Forward GFLOP per 224x224 image (`Beit.gflop_per_image`: every matmul, attention included)."""
+    import beit_jax
+
+    return beit_jax.build_model(ARCH[arch]).gflop_per_image
 
 
 class Worker:

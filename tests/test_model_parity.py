@@ -298,3 +298,9 @@ def test_cast_for_inference_is_exact():
     x = random_images(2, 224, seed=14)
     fwd = jax.jit(model.apply)
     assert np.array_equal(np.asarray(fwd(variables, x), np.float32), np.asarray(fwd(cast, x), np.float32))
+
+
+def test_flop_count_matches_timm_published_macs():
+    """timm lists 17.6 GMACs (base) and 61.6 GMACs (large) at 224: GFLOP = 2 x MACs."""
+    assert beit_jax.build_model("beit_base_patch16_224").gflop_per_image == pytest.approx(2 * 17.6, rel=0.01)
+    assert beit_jax.build_model("beit_large_patch16_224").gflop_per_image == pytest.approx(2 * 61.6, rel=0.01)
