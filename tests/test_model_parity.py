@@ -28,11 +28,16 @@ def _jit_apply(model, method=None, **kw):
     return jax.jit(lambda v, x: model.apply(v, x, method=method, **kw))
 
 
+def _timm_and_flax(name, timm_kwargs=None, **flax_kwargs):
+    """(perturbed timm model, Flax model, Flax variables converted from the timm weights)."""
+    tm = timm_model(name, **(flax_kwargs if timm_kwargs is None else timm_kwargs))
+    model = beit_jax.build_model(name, **flax_kwargs)
+    return tm, model, beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_logits_and_features_match_timm(name):
-    tm = timm_model(name)
-    model = beit_jax.build_model(name)
-    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    tm, model, variables = _timm_and_flax(name)
     x = random_images(2, model.img_size)
     with torch.no_grad():
         ref_feats = tm.forward_features(to_nchw(x))
@@ -83,9 +88,7 @@ def test_pooling_and_num_classes_zero(global_pool):
 
 def test_pre_logits_of_classifier_model():
     name = "beitv2_base_patch16_224"
-    tm = timm_model(name)
-    model = beit_jax.build_model(name)
-    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    tm, model, variables = _timm_and_flax(name)
     x = random_images(1, 224, seed=2)
     with torch.no_grad():
         ref = tm.forward_head(tm.forward_features(to_nchw(x)), pre_logits=True).numpy()
@@ -101,9 +104,7 @@ def test_pre_logits_of_classifier_model():
 ])
 def test_forward_intermediates(indices, norm, fmt, prefix):
     name = "beit_base_patch16_224"
-    tm = timm_model(name, global_pool="token")  # token pooling: `norm` is a real LayerNorm here
-    model = beit_jax.build_model(name, global_pool="token")
-    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    tm, model, variables = _timm_and_flax(name, global_pool="token")  # token pooling: `norm` is a real LayerNorm
     x = random_images(2, 224, seed=3)
     timm_fmt = "NCHW" if fmt == "NHWC" else "NLC"
     with torch.no_grad():
@@ -243,9 +244,7 @@ def test_bfloat16_close_to_float32(imagenet_dir):
 def test_fused_attention_path_matches_timm(attn_impl):
     """jax.nn.dot_product_attention (cuDNN on GPU; XLA here) is as timm-exact as the default path."""
     name = "beit_base_patch16_224"
-    tm = timm_model(name)
-    model = beit_jax.build_model(name, attn_impl=attn_impl)
-    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    tm, model, variables = _timm_and_flax(name, timm_kwargs={}, attn_impl=attn_impl)
     x = random_images(2, 224, seed=11)
     with torch.no_grad():
         ref = tm(to_nchw(x)).numpy()
@@ -267,9 +266,7 @@ def test_chunked_forward_equals_whole_batch():
 def test_attention_maps_match_timm():
     """Attention probabilities of a block equal what timm's (non-fused) attention computes."""
     name = "beit_base_patch16_224"
-    tm = timm_model(name)
-    model = beit_jax.build_model(name)
-    variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    tm, model, variables = _timm_and_flax(name)
     x = random_images(1, 224, seed=13)
     captured = {}
     blk = tm.blocks[5].attn
