@@ -1,32 +1,26 @@
-"""beit-jax: timm's BEiT (v1, v2) in JAX/Flax, with timm weight conversion and batch inference.
+"""beit-jax: timm's BEiT (v1, v2) and BEiT-3 in JAX/Flax (linen, and NNX through
+`create_nnx_model`), with timm weight conversion, batch feature extraction and fine-tuning.
 
 `import beit_jax` never imports torch.
 """
-from .model import Beit, PretrainedCfg
-from .registry import create_model, list_models, get_pretrained_cfg, build_model
-from .weights import (
-    CheckpointMismatchError,
-    PretrainedUnavailableError,
-    convert_timm_state_dict,
-    to_timm_state_dict,
-    load_checkpoint,
-    save_flax_checkpoint,
-)
-from .transforms import resolve_data_config, create_transform, load_image, ImageLoadError
+from .beit3 import Beit3
+from .checkpoints import load_state_dict_file, save_flax_checkpoint, save_safetensors
+from .sinks import read_features
+from .factory import create_model, load_checkpoint
+from .hub import PretrainedUnavailableError
+from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
+from .model import Beit
+from .nnx_model import BeitNNX, create_nnx_model
+from .pretrained import PretrainedCfg, get_pretrained_cfg, list_models
+from .registry import build_model
+from .transforms import ImageLoadError, create_transform, load_image, resolve_data_config
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Beit", "PretrainedCfg", "create_model", "list_models", "get_pretrained_cfg", "build_model",
+    "Beit", "Beit3", "BeitNNX", "PretrainedCfg", "create_model", "create_nnx_model", "list_models", "get_pretrained_cfg", "build_model",
     "CheckpointMismatchError", "PretrainedUnavailableError", "convert_timm_state_dict",
-    "to_timm_state_dict", "load_checkpoint", "save_flax_checkpoint", "resolve_data_config",
-    "create_transform", "load_image", "ImageLoadError", "read_features",
+    "to_timm_state_dict", "load_checkpoint", "load_state_dict_file", "save_flax_checkpoint",
+    "save_safetensors", "resolve_data_config", "create_transform", "load_image", "ImageLoadError",
+    "read_features",
 ]
-
-
-def __getattr__(name):
-    # extract pulls in the data pipeline; load it only when asked for.
-    if name == "read_features":
-        from .extract import read_features
-        return read_features
-    raise AttributeError(f"module 'beit_jax' has no attribute {name!r}")

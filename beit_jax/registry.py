@@ -1,100 +1,82 @@
-"""Every timm BEiT architecture and pretrained tag, and `create_model` / `list_models`.
+"""The architecture table: each timm BEiT / BEiT-3 architecture name -> the Flax module and its fields.
 
-Architectures and tags mirror `timm/models/beit.py` (the first tag listed per architecture is
-timm's default, as `timm.create_model('beit_base_patch16_224')` resolves it).
+Second stage of the loading stack: it knows model classes and pretrained configs, nothing about
+files or the Hub. `build_model` makes a module without weights; `init_variables` /
+`abstract_variables` give its random-init variables or just their shapes.
 """
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Dict, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from .model import Beit, PretrainedCfg
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+from .beit3 import Beit3
+from .model import Beit
+from .pretrained import get_pretrained_cfg, list_models, split_model_name  # noqa: F401  (re-exported)
 
 _BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
              use_abs_pos_emb=False, use_rel_pos_bias=True)
 _LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
               use_abs_pos_emb=False, use_rel_pos_bias=True)
+_TEST = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
+             use_abs_pos_emb=False, use_rel_pos_bias=True)
+_BEIT3_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+_BEIT3_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)
+_BEIT3_GIANT = dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=4.3637)
+_TINY = dict(img_size=64, embed_dim=64, depth=2, num_heads=2)
 
-# architecture -> Beit fields (timm's @register_model functions)
-ARCHITECTURES: Dict[str, Dict[str, Any]] = {
-    "beit_base_patch16_224": dict(_BASE, img_size=224, init_values=0.1),
-    "beit_base_patch16_384": dict(_BASE, img_size=384, init_values=0.1),
-    "beit_large_patch16_224": dict(_LARGE, img_size=224, init_values=1e-5),
-    "beit_large_patch16_384": dict(_LARGE, img_size=384, init_values=1e-5),
-    "beit_large_patch16_512": dict(_LARGE, img_size=512, init_values=1e-5),
-    "beitv2_base_patch16_224": dict(_BASE, img_size=224, init_values=1e-5),
-    "beitv2_large_patch16_224": dict(_LARGE, img_size=224, init_values=1e-5),
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: the module class and its fields (timm's @register_model body).
+
+    timm_name/timm_kwargs: the timm model that has the same parameters
+    (`timm.create_model(timm_name, **timm_kwargs)`), for conversion checks.
+    """
+    module: type
+    fields: Mapping[str, Any]
+    timm_name: str
+    timm_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _beit(name: str, **fields) -> Architecture:
+    return Architecture(Beit, fields, name)
+
+
+def _beit3(name: str, **fields) -> Architecture:
+    return Architecture(Beit3, fields, name)
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "beit_base_patch16_224": _beit("beit_base_patch16_224", **_BASE, img_size=224, init_values=0.1),
+    "beit_base_patch16_384": _beit("beit_base_patch16_384", **_BASE, img_size=384, init_values=0.1),
+    "beit_large_patch16_224": _beit("beit_large_patch16_224", **_LARGE, img_size=224, init_values=1e-5),
+    "beit_large_patch16_384": _beit("beit_large_patch16_384", **_LARGE, img_size=384, init_values=1e-5),
+    "beit_large_patch16_512": _beit("beit_large_patch16_512", **_LARGE, img_size=512, init_values=1e-5),
+    "beitv2_base_patch16_224": _beit("beitv2_base_patch16_224", **_BASE, img_size=224, init_values=1e-5),
+    "beitv2_large_patch16_224": _beit("beitv2_large_patch16_224", **_LARGE, img_size=224, init_values=1e-5),
+    "beit3_base_patch16_224": _beit3("beit3_base_patch16_224", **_BEIT3_BASE, img_size=224),
+    "beit3_large_patch16_224": _beit3("beit3_large_patch16_224", **_BEIT3_LARGE, img_size=224),
+    "beit3_giant_patch14_224": _beit3("beit3_giant_patch14_224", **_BEIT3_GIANT, img_size=224),
+    "beit3_giant_patch14_336": _beit3("beit3_giant_patch14_336", **_BEIT3_GIANT, img_size=336),
+    "test_beit": Architecture(Beit, dict(_TEST, img_size=64, init_values=0.1), "beit_base_patch16_224",
+                              dict(_TINY, init_values=0.1)),
+    "test_beit3": Architecture(Beit3, dict(_BEIT3_BASE, **_TINY), "beit3_base_patch16_224", _TINY),
 }
-
-
-def _cfg(name: str, num_classes: int = 1000, input_size: Tuple[int, int, int] = (3, 224, 224),
-         crop_pct: float = 0.9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> PretrainedCfg:
-    arch, tag = name.split(".")
-    return PretrainedCfg(architecture=arch, tag=tag, hf_hub_id=f"timm/{name}", num_classes=num_classes,
-                         input_size=input_size, crop_pct=crop_pct, interpolation="bicubic",
-                         mean=tuple(mean), std=tuple(std))
-
-
-_V2 = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-
-# In timm's order: the first tag of an architecture is its default.
-PRETRAINED_CFGS: Dict[str, PretrainedCfg] = {c.name: c for c in [
-    _cfg("beit_base_patch16_224.in22k_ft_in22k_in1k"),
-    _cfg("beit_base_patch16_384.in22k_ft_in22k_in1k", input_size=(3, 384, 384), crop_pct=1.0),
-    _cfg("beit_base_patch16_224.in22k_ft_in22k", num_classes=21841),
-    _cfg("beit_large_patch16_224.in22k_ft_in22k_in1k"),
-    _cfg("beit_large_patch16_384.in22k_ft_in22k_in1k", input_size=(3, 384, 384), crop_pct=1.0),
-    _cfg("beit_large_patch16_512.in22k_ft_in22k_in1k", input_size=(3, 512, 512), crop_pct=1.0),
-    _cfg("beit_large_patch16_224.in22k_ft_in22k", num_classes=21841),
-    _cfg("beitv2_base_patch16_224.in1k_ft_in22k_in1k", **_V2),
-    _cfg("beitv2_base_patch16_224.in1k_ft_in1k", **_V2),
-    _cfg("beitv2_base_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
-    _cfg("beitv2_large_patch16_224.in1k_ft_in22k_in1k", crop_pct=0.95, **_V2),
-    _cfg("beitv2_large_patch16_224.in1k_ft_in1k", crop_pct=0.95, **_V2),
-    _cfg("beitv2_large_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
-]}
-
-DEFAULT_TAGS: Dict[str, str] = {}
-for _c in PRETRAINED_CFGS.values():
-    DEFAULT_TAGS.setdefault(_c.architecture, _c.tag)
-
-
-def split_model_name(name: str) -> Tuple[str, str]:
-    """'arch' or 'arch.tag' -> (arch, tag), the tag defaulting as in timm. Unknown names raise."""
-    arch, _, tag = name.partition(".")
-    if arch not in ARCHITECTURES:
-        close = fnmatch.filter(ARCHITECTURES, f"*{arch.split('_')[0]}*") or list(ARCHITECTURES)
-        raise ValueError(f"unknown BEiT architecture {arch!r}; known: {', '.join(sorted(close))}")
-    tag = tag or DEFAULT_TAGS[arch]
-    if f"{arch}.{tag}" not in PRETRAINED_CFGS:
-        tags = [c.tag for c in PRETRAINED_CFGS.values() if c.architecture == arch]
-        raise ValueError(f"unknown tag {tag!r} for {arch}; known tags: {', '.join(tags)}")
-    return arch, tag
-
-
-def get_pretrained_cfg(name: str) -> PretrainedCfg:
-    arch, tag = split_model_name(name)
-    return PRETRAINED_CFGS[f"{arch}.{tag}"]
-
-
-def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
-    """Names matching a glob, as `timm.list_models`: architectures, or 'arch.tag' when pretrained."""
-    names = list(PRETRAINED_CFGS) if pretrained else list(ARCHITECTURES)
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def build_model(name: str, *, num_classes: Optional[int] = None, img_size: Optional[int] = None,
                 global_pool: Optional[str] = None, drop_path_rate: float = 0.0,
-                dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> Beit:
-    """The `Beit` module for a registered name, without any weights."""
+                dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> Union[Beit, Beit3]:
+    """The module for a registered 'arch' or 'arch.tag', without any weights.
+
+    num_classes defaults to the tag's head; kwargs override any module field (depth=2, ...).
+    """
     cfg = get_pretrained_cfg(name)
-    fields = dict(ARCHITECTURES[cfg.architecture])
+    arch = ARCHITECTURES[cfg.architecture]
+    fields = dict(arch.fields)
     fields.update(num_classes=cfg.num_classes if num_classes is None else num_classes,
                   drop_path_rate=drop_path_rate, dtype=dtype, param_dtype=param_dtype,
                   pretrained_cfg=cfg)
@@ -103,56 +85,26 @@ def build_model(name: str, *, num_classes: Optional[int] = None, img_size: Optio
     if global_pool is not None:
         fields["global_pool"] = global_pool
     fields.update(kwargs)
-    return Beit(**fields)
+    if fields["num_classes"] < 0:
+        raise ValueError(f"num_classes must be 0 (no head) or more (got {fields['num_classes']})")
+    size, patch = fields["img_size"], fields["patch_size"]
+    if size <= 0 or size % patch:
+        ok = max(patch, round(size / patch) * patch)
+        raise ValueError(f"img_size {size} is not a positive multiple of the patch size {patch} "
+                         f"(e.g. {ok}): images are cut into {patch}x{patch} patches")
+    return arch.module(**fields)
 
 
-def init_variables(model: Beit, rng: int | jax.Array = 0):
+def _dummy_input(model):
+    return jax.ShapeDtypeStruct((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+
+
+def init_variables(model, rng: int | jax.Array = 0):
     """Random-init variables (timm's init scheme) for `model`, computed under jit."""
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    dummy = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
-    return jax.jit(model.init)(key, dummy)
+    return jax.jit(model.init)(key, jnp.zeros(_dummy_input(model).shape, jnp.float32))
 
 
-def abstract_variables(model: Beit):
+def abstract_variables(model):
     """Shapes/dtypes of `model`'s variables without computing anything."""
-    dummy = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)
-
-
-def create_model(
-    name: str,
-    pretrained: bool = False,
-    *,
-    num_classes: Optional[int] = None,
-    img_size: Optional[int] = None,
-    global_pool: Optional[str] = None,
-    drop_path_rate: float = 0.0,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    checkpoint_path: Optional[str] = None,
-    rng: int | jax.Array = 0,
-    **kwargs,
-):
-    """Build a BEiT and its variables: `(module, variables)`.
-
-    pretrained=True downloads the tag's timm `model.safetensors` from the Hugging Face Hub (its
-    cache and HF_HUB_OFFLINE apply); checkpoint_path loads a local .safetensors/.pth/.bin timm
-    state dict, or a beit-jax .msgpack export. Weights are resized for another img_size; a
-    num_classes other than the checkpoint's starts a fresh head (seeded by rng).
-    """
-    from . import weights  # weights imports this module; keep the import one-way at load time
-
-    saved = weights.read_checkpoint_config(checkpoint_path) if checkpoint_path else None
-    if saved:  # a beit-jax export: its head size / resolution / pooling unless asked otherwise
-        num_classes = saved.get("num_classes") if num_classes is None else num_classes
-        img_size = saved.get("img_size") if img_size is None else img_size
-        global_pool = saved.get("global_pool") if global_pool is None else global_pool
-    model = build_model(name, num_classes=num_classes, img_size=img_size, global_pool=global_pool,
-                        drop_path_rate=drop_path_rate, dtype=dtype, param_dtype=param_dtype, **kwargs)
-    if checkpoint_path is None and not pretrained:
-        return model, init_variables(model, rng)
-    if checkpoint_path is None:
-        checkpoint_path = weights.download_pretrained(model.pretrained_cfg)
-    variables = weights.load_checkpoint(checkpoint_path, model, rng=rng)
-    return model, variables
-
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), _dummy_input(model))

@@ -1,0 +1,140 @@
+"""Checkpoint files: timm state dicts (.safetensors, .pth/.bin) and beit-jax exports (.msgpack + .json).
+
+Fourth stage of the loading stack, beside `hub.py`: bytes on disk <-> arrays, nothing about
+architectures. .safetensors needs no torch; .pth/.bin are read with `torch.load(weights_only=True)`
+(torch imported only then). Writes are atomic.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ._io import atomic_write
+from .mapping import to_numpy, unwrap_state_dict
+
+FLAX_CHECKPOINT_SUFFIX = ".msgpack"
+FLAX_CHECKPOINT_FORMAT = "beit-jax/flax-msgpack-v1"
+
+
+def is_flax_checkpoint(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(FLAX_CHECKPOINT_SUFFIX)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> Dict[str, np.ndarray]:
+    """Read a timm checkpoint file into {key: numpy array}; nesting ({'model': ...}) is unwrapped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        return _load_safetensors(path)
+    if ext in (".pth", ".bin", ".pt", ".ckpt"):
+        return _load_torch_pickle(path)
+    raise ValueError(f"{path}: unsupported checkpoint type {ext!r}; use .safetensors, .pth, .bin "
+                     f"or a beit-jax {FLAX_CHECKPOINT_SUFFIX} export")
+
+
+def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); the download or copy may be "
+                         f"truncated, fetch it again") from e
+    except TypeError:  # bfloat16 tensors: numpy has no such dtype, read through flax/jax
+        with safe_open(path, framework="flax") as f:
+            out = {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+    return out
+
+
+def _load_torch_pickle(path: str) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path}: reading .pth/.bin checkpoints needs torch "
+                          f"(pip install 'beit-jax[convert]'), or convert it to .safetensors") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"{path}: refused or unreadable as a weights-only torch checkpoint: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Only plain "
+                         f"tensors are loaded (weights_only=True); a truncated file or a pickle "
+                         f"carrying code ends here") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
+    sd = unwrap_state_dict(obj)
+    return {k: to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a state dict as .safetensors atomically (temp file + rename)."""
+    from safetensors.numpy import save
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+                            metadata=metadata or {"format": "pt"}))
+
+
+def model_config_dict(model) -> Dict[str, Any]:
+    """The JSON config stored beside a beit-jax checkpoint."""
+    return {
+        "model": model.pretrained_cfg.name if model.pretrained_cfg else None,
+        "num_classes": model.num_classes,
+        "img_size": model.img_size,
+        "global_pool": model.global_pool,
+        "embed_dim": model.embed_dim,
+        "depth": model.depth,
+        "format": FLAX_CHECKPOINT_FORMAT,
+    }
+
+
+def save_flax_checkpoint(variables: Mapping[str, Any], model, path: str | os.PathLike) -> Tuple[str, str]:
+    """Write `path` (.msgpack, flax.serialization of the params) and `path` with .json (config).
+
+    Both are written atomically. Returns (msgpack_path, json_path).
+    """
+    import jax
+    from flax import serialization
+
+    path = os.fspath(path)
+    if not path.endswith(FLAX_CHECKPOINT_SUFFIX):
+        path += FLAX_CHECKPOINT_SUFFIX
+    params = {"params": jax.tree_util.tree_map(np.asarray, variables["params"])}
+    json_path = path[: -len(FLAX_CHECKPOINT_SUFFIX)] + ".json"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, serialization.msgpack_serialize(params))
+    atomic_write(json_path, json.dumps(model_config_dict(model), indent=2).encode())
+    return path, json_path
+
+
+def load_flax_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a beit-jax .msgpack export as {'params': nested dict of numpy arrays}."""
+    from flax import serialization
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            tree = serialization.msgpack_restore(f.read())
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable beit-jax msgpack checkpoint ({e})") from e
+    return {"params": tree["params"] if "params" in tree else tree}
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The JSON config beside a beit-jax .msgpack checkpoint, if present."""
+    path = os.fspath(path)
+    json_path = os.path.splitext(path)[0] + ".json"
+    if is_flax_checkpoint(path) and os.path.isfile(json_path):
+        with open(json_path) as f:
+            return json.load(f)
+    return None
