@@ -1,6 +1,6 @@
-"""Image sources (folder tree, list file, tar shards), parallel decode, fixed-shape host batches.
+"""Parallel decode of the inputs `sources.py` lists, and fixed-shape host batches.
 
-Workers return resized+cropped uint8 images (4x less to move than float32); normalization runs
+Workers read (local files, object-store objects, URLs) and decode; they return resized+cropped uint8 images (4x less to move than float32); normalization runs
 inside the jitted forward on the device. A failed decode never stops the stream: its slot is
 masked and the error travels with the batch.
 """
@@ -8,126 +8,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import glob
 import multiprocessing
-import os
-import tarfile
 from collections import deque
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .sources import ImageRef, list_image_folder  # noqa: F401  (list_image_folder: fine-tuning's source)
 from .transforms import EvalTransform, ImageLoadError, load_image
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".pnm"})
-LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRef:
-    """One input: `id` is what the outputs report (a path, or 'shard.tar/member')."""
-    id: str
-    path: str
-    offset: int = -1  # tar member data offset; -1: the whole file
-    size: int = -1
-    seed: int = -1  # per-sample augmentation seed (training); -1: deterministic transform
-
-    def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.offset < 0:
-                return f.read()
-            f.seek(self.offset)
-            return f.read(self.size)
-
-
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _walk(root: str) -> List[ImageRef]:
-    refs = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        refs.extend(ImageRef(p, p) for p in (os.path.join(dirpath, f) for f in sorted(filenames)) if _is_image(p))
-    return refs
-
-
-def _tar_members(path: str) -> List[ImageRef]:
-    refs = []
-    try:
-        with tarfile.open(path, "r:") as tf:  # uncompressed: members are read in place by offset
-            for m in tf:
-                if m.isfile() and _is_image(m.name):
-                    refs.append(ImageRef(f"{path}/{m.name}", path, m.offset_data, m.size))
-    except tarfile.ReadError as e:
-        raise ValueError(f"{path}: not an uncompressed tar file ({e}); tar shards must be plain .tar") from e
-    return refs
-
-
-def _read_list(path: str) -> List[ImageRef]:
-    base = os.path.dirname(os.path.abspath(path))
-    refs = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = line if os.path.isabs(line) else os.path.join(base, line)
-            refs.append(ImageRef(line, p))
-    return refs
-
-
-def list_images(src: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[ImageRef]:
-    """Every input of SRC, in a deterministic order.
-
-    SRC: a folder (recursive, common image extensions, sorted), a text file listing one path per
-    line (relative to the file; '#' comments), a .tar shard (its image members in tar order), a
-    glob of those ('shards/*.tar'), an image file, or a list of any of these.
-    """
-    if isinstance(src, (list, tuple)):
-        return [r for s in src for r in list_images(s)]
-    src = os.fspath(src)
-    if any(c in src for c in "*?[") and not os.path.exists(src):
-        matches = sorted(glob.glob(src))
-        if not matches:
-            raise FileNotFoundError(f"no files match {src}")
-        return list_images(matches)
-    if os.path.isdir(src):
-        return _walk(src)
-    if not os.path.exists(src):
-        raise FileNotFoundError(f"input not found: {src}")
-    ext = os.path.splitext(src)[1].lower()
-    if ext == ".tar":
-        return _tar_members(src)
-    if ext in LIST_EXTENSIONS:
-        return _read_list(src)
-    if _is_image(src):
-        return [ImageRef(src, src)]
-    raise ValueError(f"{src}: not a folder, .tar shard, list file ({', '.join(sorted(LIST_EXTENSIONS))}) or image")
-
-
-def list_image_folder(root: Union[str, os.PathLike]) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
-    """An ImageFolder layout (one sub-folder per class): (refs, int labels, sorted class names)."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE files)")
-    refs, labels = [], []
-    for label, name in enumerate(classes):
-        found = _walk(os.path.join(root, name))
-        refs.extend(found)
-        labels.extend([label] * len(found))
-    return refs, np.asarray(labels, np.int32), classes
-
 
 def decode(ref: ImageRef, transform: EvalTransform) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """(uint8 (H, W, 3) crop, None) or (None, reason). Never raises for a bad input."""
+    if ref.error is not None:
+        return None, ref.error
     try:
-        data = ref.read_bytes() if ref.offset >= 0 else ref.path
-        img = load_image(data, name=ref.id)
+        img = load_image(ref.read_bytes(), name=ref.id)
         return (transform.crop_uint8(img, ref.seed) if ref.seed >= 0 else transform.crop_uint8(img)), None
     except ImageLoadError as e:
         return None, str(e)
@@ -198,10 +93,48 @@ class Decoder:
 @dataclasses.dataclass
 class HostBatch:
     """A fixed-shape batch: padded slots have index -1 and valid False."""
-    indices: np.ndarray  # (B,) int64 global input indices
+    indices: np.ndarray  # (B,) int64 global input indices (or the refs' row keys)
     images: np.ndarray  # (B, H, W, 3) uint8
     valid: np.ndarray  # (B,) bool
-    errors: List[Tuple[int, str]]  # (global index, reason) of inputs that failed to decode
+    errors: List[Tuple[int, str]]  # (index, reason) of inputs that failed to decode
+    refs: Optional[List[Optional[ImageRef]]] = None  # stream_batches: the ref of each slot
+
+    @classmethod
+    def empty(cls, batch_size: int, image_shape: Tuple[int, int, int]) -> "HostBatch":
+        return cls(np.full((batch_size,), -1, np.int64), np.zeros((batch_size, *image_shape), np.uint8),
+                   np.zeros((batch_size,), bool), [], [None] * batch_size)
+
+
+def stream_batches(refs: Iterable[ImageRef], batch_size: int, decoder: Decoder,
+                   image_shape: Tuple[int, int, int]) -> Iterator[HostBatch]:
+    """Fixed-shape batches over a stream of refs (of unknown length); indices are the refs' `index`.
+
+    One decode stream runs across batch boundaries; the last batch is padded and masked.
+    """
+    pulled: deque = deque()
+
+    def tap():
+        for r in refs:
+            pulled.append(r)
+            yield r
+
+    decoded = decoder.imap(tap())
+    while True:
+        hb = HostBatch.empty(batch_size, image_shape)
+        n = 0
+        for slot, (arr, err) in zip(range(batch_size), decoded):
+            ref = pulled.popleft()
+            hb.indices[slot], hb.refs[slot] = ref.index, ref
+            if err is None:
+                hb.images[slot], hb.valid[slot] = arr, True
+            else:
+                hb.errors.append((ref.index, err))
+            n += 1
+        if n == 0:
+            return
+        yield hb
+        if n < batch_size:
+            return
 
 
 def batches(refs: Sequence[ImageRef], slots: Sequence[int], batch_size: int, decoder: Decoder,

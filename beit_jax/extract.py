@@ -1,50 +1,53 @@
-"""Feature extraction over large image sets: resumable, multi-device, multi-host, nothing lost.
+"""Feature extraction over large image sets: any storage, every device of every host, resumable,
+nothing lost or duplicated.
 
-Output folder layout:
-  manifest.json                 model, weights fingerprint, outputs, data config, layout, status
-  shard-SSSSS-pPPP-of-NNN.npz   rows of process PPP for shard SSSSS: `ids` (global input index),
-                                `paths`, one array per output, and the inputs that failed
-  failed.jsonl                  {"path", "error"} per unreadable input (written at the end)
+Four parts, composed by `extract`:
+  Plan           the inputs cut into units of work (a tar shard, or `shard_size` listed inputs),
+                 each process a contiguous block of units, every row a key in input order
+  Manifest       what the output folder holds (model, weights, inputs, layout); refuses to mix runs
+  run_pipeline   decode -> device -> writer, the device step of batch i overlapping the read-back
+                 and writing of batch i - 1; processes step in lockstep until all are done
+  FeatureWriter  (sinks.py) npy + parquet parts per unit, then the unit's marker
 
-Every process owns a contiguous slice of the inputs and writes its own shards, each atomically
-(temp file + rename). A shard on disk is finished, so `resume` skips it; processes agree on what
-to skip so they stay in lockstep. `read_features(DIR)` gives the rows back in input order.
+Output layout: see sinks.py (npy + parquet, what embedding-reader/autofaiss read), plus
+  manifest.json   identity of the run, status running/complete, totals
+  failed.jsonl    {"path", "error"} per unreadable input (gathered at the end)
+A unit is finished when its marker exists (objects and local files are written whole), so a run
+killed at any point and resumed with `resume=True` has exactly the rows of an uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import os
-import re
 import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import parallel as par
-from ._io import atomic_write
-from .data import Decoder, ImageRef, batches, list_images
-from .model import cast_for_inference, default_micro_batch
-from .transforms import EvalTransform, normalize, resolve_data_config
+from ._io import TEMP_MARKER
+from .data import Decoder, HostBatch, stream_batches
+from .layers import cast_for_inference
+from .sinks import (FAILED, MANIFEST, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError,  # noqa: F401
+                    finished_units, read_failures, read_features, read_manifest)
+from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, TarShard, list_inputs, prefetch, stream_tar
+from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
+from .transforms import create_transform, normalize, resolve_data_config
 
 OUTPUTS = ("pooled", "tokens", "logits")
-MANIFEST = "manifest.json"
-FAILED = "failed.jsonl"
-_SHARD_RE = re.compile(r"^shard-(\d{5})-p(\d{3})-of-(\d{3})\.npz$")
-# Fields of the manifest that must match to add rows to an existing folder.
-_IDENTITY_KEYS = ("model", "weights_sha256", "outputs", "dtype", "img_size", "data_config", "num_inputs",
-                  "inputs_sha256", "process_count", "local_batch_size", "rows_per_shard")
+FORMAT = "beit-jax/features-v2"
 
 
-class OutputMismatchError(RuntimeError):
-    """The output folder holds results of another model, config or input list."""
+class AllInputsFailedError(RuntimeError):
+    """No input could be read: the run is complete but holds no features."""
 
 
+# ---- the per-device function --------------------------------------------------------------------
 def make_forward(model, outputs: Sequence[str], mean, std):
     """Per-device function: uint8 (B, H, W, 3) images -> {output: float32 (B, ...)}."""
     outputs = tuple(outputs)
@@ -72,6 +75,97 @@ def _apply_head(module, pooled):
     return module.head(pooled)
 
 
+def output_row_floats(model, outputs: Sequence[str]) -> Dict[str, int]:
+    """float32 values per row of each output (for part sizes)."""
+    sizes = {"pooled": model.embed_dim, "logits": model.num_classes,
+             "tokens": (model.num_patches + 1) * model.embed_dim}
+    return {o: 4 * sizes[o] for o in outputs}
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A unit of work: listed inputs (refs, starting at input index `start`) or one tar shard."""
+    index: int
+    refs: Optional[List[ImageRef]] = None
+    shard: Optional[TarShard] = None
+    start: int = 0
+
+
+class Plan:
+    """The inputs cut into units, and this process's contiguous block of them.
+
+    Row keys (the `id` column) are input indices when every input is listed up front (files,
+    lists, tables); with tar shards, whose samples are only known while streaming, a row's key is
+    (unit << 32) | position in the unit. Both sort in input order.
+    """
+
+    def __init__(self, inputs: Inputs, rows_per_unit: int, process_index: int = 0, process_count: int = 1):
+        self.process_index, self.process_count = process_index, process_count
+        items = inputs.items + inputs.problems
+        self.listed_only = not any(isinstance(i, TarShard) for i in items)
+        self.num_inputs = len(items)
+        units: List[Unit] = []
+        pending: List[ImageRef] = []
+        position = 0
+
+        def cut():
+            nonlocal pending
+            for lo in range(0, len(pending), rows_per_unit):
+                u, start = len(units), position - len(pending) + lo
+                units.append(Unit(u, [dataclasses.replace(r, index=self._key(u, start + k, k))
+                                      for k, r in enumerate(pending[lo:lo + rows_per_unit])], start=start))
+            pending = []
+
+        for item in items:
+            if isinstance(item, TarShard):
+                cut()
+                units.append(Unit(len(units), shard=item))
+            else:
+                pending.append(item)
+            position += 1
+        cut()
+        self.units = units
+        per, extra = divmod(len(units), process_count)
+        lo = process_index * per + min(process_index, extra)
+        self.mine = units[lo:lo + per + (process_index < extra)]
+        self.fingerprint = _fingerprint(items)
+
+    def _key(self, unit: int, index: int, position: int) -> int:
+        return index if self.listed_only else (unit << 32) | position
+
+    def refs_of(self, unit: Unit) -> Iterator[ImageRef]:
+        """The unit's inputs with their row keys; a tar shard is streamed here."""
+        if unit.shard is None:
+            return iter(unit.refs)
+        return (dataclasses.replace(r, index=self._key(unit.index, 0, k))
+                for k, r in enumerate(stream_tar(unit.shard)))
+
+    @property
+    def num_listed(self) -> Optional[int]:
+        return self.num_inputs if self.listed_only else None
+
+    def unit_of(self, key: int) -> int:
+        if not self.listed_only:
+            return key >> 32
+        lo, hi = 0, len(self.units) - 1  # listed units are contiguous ranges of input indices
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.units[mid].start <= key:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.units[lo].index
+
+
+def _fingerprint(items) -> str:
+    h = hashlib.sha256()
+    for i in items:
+        h.update((i.url if isinstance(i, TarShard) else i.id).encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+# ---- manifest -----------------------------------------------------------------------------------
 def weights_fingerprint(variables) -> str:
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0], key=lambda kv: str(kv[0])):
@@ -81,78 +175,182 @@ def weights_fingerprint(variables) -> str:
     return h.hexdigest()
 
 
-def _inputs_fingerprint(refs: Sequence[ImageRef]) -> str:
-    h = hashlib.sha256()
-    for r in refs:
-        h.update(r.id.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
+class Manifest:
+    """manifest.json: the identity of a run (what must match to add rows to a folder) and its status."""
 
+    # Fields that must match to add rows to an existing folder (not the process count: units are
+    # global, so a run may resume on another number of hosts).
+    IDENTITY_KEYS = ("format", "model", "weights_sha256", "outputs", "dtype", "storage_dtype", "img_size",
+                     "data_config", "num_inputs", "inputs_sha256", "global_batch_size", "rows_per_unit",
+                     "rows_per_part", "columns")
 
-@dataclasses.dataclass
-class Plan:
-    """Which global inputs this process handles, shard by shard (identical step counts everywhere)."""
-    num_inputs: int
-    process_index: int
-    process_count: int
-    local_batch: int
-    batches_per_shard: int
+    # What the user changes to change a field (for refusals).
+    FLAGS = {"model": "--model", "weights_sha256": "--checkpoint / the weights", "outputs": "--outputs",
+             "dtype": "--dtype", "storage_dtype": "--storage-dtype", "img_size": "--img-size / the model",
+             "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
+             "global_batch_size": "--batch-size", "rows_per_unit": "--shard-size", "rows_per_part": "--outputs",
+             "columns": "SRC (table columns)", "format": "the beit-jax version"}
 
-    @property
-    def chunk(self) -> int:
-        return math.ceil(self.num_inputs / self.process_count)
+    def __init__(self, folder: Folder, fields: Dict[str, Any]):
+        self.folder, self.fields = folder, fields
 
-    @property
-    def rows_per_shard(self) -> int:
-        return self.local_batch * self.batches_per_shard
+    def open(self, resume: bool, lock: Optional[WriterLock] = None) -> None:
+        """Take the writer lock (process 0), check the folder against this run (refusing another
+        run's outputs, or a finished or unfinished run without `resume`), then mark it running.
+        Every process checks the folder as it was before anyone wrote, and all refuse if one does."""
+        try:
+            if lock is not None:
+                lock.acquire()
+            self._check(resume)
+            refusal = None
+        except (OutputMismatchError, CorruptOutputError, OutputLockedError) as e:
+            refusal = e
+        if not par.all_processes_agree(np.array([refusal is None]))[0]:
+            raise refusal or OutputMismatchError(f"another process refused {self.folder.url} (see its log)")
+        par.sync("beit-jax-manifest-checked")
+        if jax.process_index() == 0:
+            self.folder.write(MANIFEST, json.dumps(dict(self.fields, status="running"), indent=2).encode())
 
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.chunk / self.rows_per_shard)
-
-    def shard_slots(self, shard: int) -> List[int]:
-        """Global indices of the shard's rows on this process, -1-padded to whole batches."""
-        lo = self.process_index * self.chunk
-        hi = min(self.num_inputs, lo + self.chunk)
-        start = shard * self.rows_per_shard
-        nominal = min(self.rows_per_shard, self.chunk - start)  # same on every process
-        slots = [lo + o for o in range(start, start + nominal) if lo + o < hi]
-        steps = math.ceil(nominal / self.local_batch)
-        return slots + [-1] * (steps * self.local_batch - len(slots))
-
-
-def shard_name(shard: int, process: int, count: int) -> str:
-    return f"shard-{shard:05d}-p{process:03d}-of-{count:03d}.npz"
-
-
-def _check_or_write_manifest(output_dir: str, manifest: Dict[str, Any], resume: bool) -> None:
-    path = os.path.join(output_dir, MANIFEST)
-    existing = None
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
-    has_shards = any(_SHARD_RE.match(n) for n in os.listdir(output_dir))
-    if existing is not None or has_shards:
-        if existing is None:
-            raise OutputMismatchError(f"{output_dir} holds shard files but no {MANIFEST}; use an empty folder")
-        diffs = [k for k in _IDENTITY_KEYS if existing.get(k) != manifest.get(k)]
+    def _check(self, resume: bool) -> None:
+        url = self.folder.url
+        has_units = bool(self.folder.listdir(UNITS))
+        if not self.folder.exists(MANIFEST):
+            if has_units:
+                raise OutputMismatchError(f"{url} holds {UNITS}/ but no {MANIFEST}; use an empty folder")
+            return
+        existing = read_manifest(self.folder)
+        diffs = [k for k in self.IDENTITY_KEYS if existing.get(k) != self.fields.get(k)]
         if diffs:
-            detail = "; ".join(f"{k}: folder has {existing.get(k)!r}, this run {manifest.get(k)!r}"
-                               for k in diffs if k not in ("weights_sha256", "inputs_sha256"))
-            named = ", ".join(diffs)
+            detail = "; ".join(f"{k} ({self.FLAGS.get(k, k)}): folder has {existing.get(k)!r}, this run "
+                               f"{self.fields.get(k)!r}" if k not in ("weights_sha256", "inputs_sha256")
+                               else f"{k} ({self.FLAGS[k]}) differs" for k in diffs)
             raise OutputMismatchError(
-                f"{output_dir} holds outputs of a different run ({named} differ{': ' + detail if detail else ''}). "
-                f"Use another --output folder; to resume, rerun with the same model, weights, inputs, "
-                f"outputs, dtype, --batch-size and process count.")
+                f"{url} holds outputs of a different run: {detail}. Use another --output folder; to resume, "
+                f"rerun with the same {', '.join(dict.fromkeys(self.FLAGS.get(k, k) for k in diffs))}.")
         if not resume and existing.get("status") != "complete":
-            raise OutputMismatchError(f"{output_dir} holds an unfinished run of the same config: pass --resume "
-                                      f"to continue it, or use another --output folder")
+            raise OutputMismatchError(f"{url} holds an unfinished run of the same config: pass --resume to "
+                                      f"continue it, or use another --output folder")
         if not resume:
-            raise OutputMismatchError(f"{output_dir} already holds a complete run; pass --resume to reuse it "
+            raise OutputMismatchError(f"{url} already holds a complete run; pass --resume to reuse it "
                                       f"(nothing to do) or use another --output folder")
-    if jax.process_index() == 0:
-        atomic_write(path, json.dumps(dict(manifest, status="running"), indent=2))
+
+    def finalize(self, num_units: int) -> Dict[str, Any]:
+        """Gather every unit's failures into failed.jsonl and mark the run complete."""
+        done, problems = finished_units(self.folder)
+        if len(done) != num_units or problems:
+            raise CorruptOutputError(f"{self.folder.url}: {len(done)} of {num_units} units finished "
+                                     f"({'; '.join(problems[:3]) or 'a process did not finish'}); rerun with --resume")
+        failed = [f for u in sorted(done) for f in done[u]["failed"]]
+        rows = sum(m["rows"] for m in done.values())
+        self.folder.write(FAILED, "".join(json.dumps(f) + "\n" for f in failed).encode())
+        self.fields.update(status="complete", rows=rows, failed=len(failed))
+        self.folder.write(MANIFEST, json.dumps(self.fields, indent=2).encode())
+        return self.fields
 
 
+# ---- the loop -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoopStats:
+    decode_wait_s: float = 0.0
+    device_wait_s: float = 0.0
+    rows: int = 0
+    failed: int = 0
+    t_first: Optional[float] = None  # end of the first step (compile + warm-up)
+    rows_first: int = 0
+
+
+def lockstep(stream: Iterator[HostBatch], empty: Callable[[], HostBatch],
+             stop: Optional[threading.Event] = None) -> Iterator[HostBatch]:
+    """Batches until the stream ends or `stop` is set. With several processes they step together:
+    a process whose inputs ran out feeds masked batches until every process is done (one program
+    spans all devices), and a stop asked on any process stops all of them at the same step."""
+    stop = stop or threading.Event()
+    if jax.process_count() == 1:
+        for hb in stream:
+            if stop.is_set():
+                return
+            yield hb
+        return
+    mine = next(stream, None)
+    while True:
+        more, halt = par.any_process(mine is not None), par.any_process(stop.is_set())
+        if halt or not more:
+            return
+        yield mine if mine is not None else empty()
+        if mine is not None:
+            mine = next(stream, None)
+
+
+def run_pipeline(step: par.Step, dp: par.DataParallel, params, stream: Iterator[HostBatch],
+                 on_rows: Callable[[int, HostBatch, Any], None]) -> LoopStats:
+    """Feed every host batch of `stream` through `step`; hand (step index, batch, rows) to on_rows.
+
+    The step of batch i is dispatched before batch i - 1 is read back, so the device works while
+    the host fetches, writes and decodes.
+    """
+    stats = LoopStats()
+    pending = None
+
+    def finish(i: int, hb: HostBatch, out) -> None:
+        t0 = time.perf_counter()
+        rows = dp.fetch(out)
+        stats.device_wait_s += time.perf_counter() - t0
+        stats.rows += int(hb.valid.sum())
+        stats.failed += len(hb.errors)
+        on_rows(i, hb, rows)
+        if i == 0:  # compile and warm-up end here: steady-state throughput counts from now
+            stats.t_first, stats.rows_first = time.perf_counter(), stats.rows
+
+    i = 0
+    while True:
+        t0 = time.perf_counter()
+        hb = next(stream, None)
+        stats.decode_wait_s += time.perf_counter() - t0
+        if hb is None:
+            break
+        out = step(params, dp.put_batch(hb.images))  # async: the device works while we go on
+        if pending is not None:
+            finish(*pending)
+        pending = (i, hb, out)
+        i += 1
+    if pending is not None:
+        finish(*pending)
+    return stats
+
+
+class UnitTracker:
+    """Routes each batch's rows to the writer and closes units in order, also those that yielded
+    nothing (an empty tar)."""
+
+    def __init__(self, plan: Plan, todo: Sequence[Unit], writer: FeatureWriter, outputs: Sequence[str]):
+        self.plan, self.writer, self.outputs = plan, writer, outputs
+        self.todo = [u.index for u in todo]
+        self.next = 0  # position in todo of the first unit not closed yet
+
+    @property
+    def closed(self) -> int:
+        return self.next
+
+    def _close_until(self, unit: int) -> None:
+        while self.next < len(self.todo) and self.todo[self.next] < unit:
+            self.writer.close(self.todo[self.next])
+            self.next += 1
+
+    def add(self, hb: HostBatch, rows: Dict[str, np.ndarray]) -> None:
+        errors = dict(hb.errors)
+        slots = [s for s, r in enumerate(hb.refs or []) if r is not None]
+        for unit in dict.fromkeys(self.plan.unit_of(hb.refs[s].index) for s in slots):
+            self._close_until(unit)
+            mine = [s for s in slots if self.plan.unit_of(hb.refs[s].index) == unit]
+            ok = [s for s in mine if hb.valid[s]]
+            self.writer.add(unit, [hb.refs[s] for s in ok], {o: rows[o][ok] for o in self.outputs},
+                            [(hb.refs[s], errors[hb.refs[s].index]) for s in mine if not hb.valid[s]])
+
+    def finish(self) -> None:
+        self._close_until(1 << 62)
+
+
+# ---- extract ------------------------------------------------------------------------------------
 def extract(
     src,
     output_dir: str,
@@ -160,206 +358,187 @@ def extract(
     variables,
     *,
     model_name: Optional[str] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     parallel: str = "sharded",
     outputs: Sequence[str] = ("pooled",),
     workers: int = 2,
     backend: str = "thread",
     resume: bool = False,
+    verify: bool = False,
     shard_size: int = 4096,
+    storage_dtype: str = "float32",
+    storage_options: Optional[Dict[str, Any]] = None,
+    path_column: Optional[str] = None,
+    part_bytes: int = 256 << 20,
+    prefetch_shards: int = 2,
     progress: bool = True,
     data_config: Optional[Dict[str, Any]] = None,
-    micro_batch: Any = "auto",
+    stop: Optional[threading.Event] = None,
 ) -> Dict[str, Any]:
     """Run `model` over every image of `src` and write features to `output_dir`. Returns a summary.
 
-    batch_size is global (all devices of all processes). outputs: any of 'pooled' (B, D), 'tokens'
-    (B, 1+N, D), 'logits' (B, classes). shard_size: rows per shard file per process (rounded down
-    to whole local batches). micro_batch: rows per device step chunk ('auto': 8 on CPU, whole
-    batch on accelerators; see model.chunked). Unreadable inputs are recorded and skipped; the
-    run still succeeds.
+    src / output_dir: local paths or fsspec URLs (storage_options for credentials/endpoints); src
+    may also be `sources.list_inputs(...)`'s result.
+    batch_size is global (all devices of all processes; default `parallel.inference_defaults`:
+    256 per GPU/TPU device, 64 on CPU; the summary's `hint` says when it is too small). outputs:
+    any of 'pooled' (B, D), 'tokens' (B, 1+N, D), 'logits' (B, classes). shard_size: listed inputs
+    per unit of work (a tar shard is one unit); part_bytes bounds each written file (and the memory
+    held for it). storage_dtype 'float16' halves the files. resume keeps finished units (verify:
+    check their sha256 too, not just sizes). The model micro-batches on CPU by itself
+    (`Beit.micro_batch`). Unreadable inputs are recorded in failed.jsonl and skipped; the run
+    succeeds unless every input failed (AllInputsFailedError). One writer per output folder (a lock).
+    stop: when set (the CLI sets it on Ctrl-C / SIGTERM), the run ends after the current batch with
+    its finished units kept; the summary then says interrupted=True. The summary names the compute
+    dtype and the attention implementation that ran.
     """
     t_start = time.perf_counter()
     outputs = tuple(dict.fromkeys(outputs))
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad or not outputs:
         raise ValueError(f"outputs must be among {OUTPUTS} (got {list(outputs)})")
+    defaults = par.inference_defaults(batch_size=batch_size)
+    batch_size = defaults.batch_size
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("part_bytes", part_bytes)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer (got {value!r})")
     cfg = data_config or resolve_data_config(model)
-    transform = EvalTransform(cfg["input_size"], cfg["interpolation"], cfg["mean"], cfg["std"], cfg["crop_pct"],
-                              cfg.get("crop_mode", "center"))
-    refs = list_images(src)
-    dp = par.DataParallel(make_forward(model, outputs, cfg["mean"], cfg["std"]), mode=parallel,
-                          micro_batch=default_micro_batch() if micro_batch == "auto" else micro_batch)
+    transform = create_transform(**cfg)
+    folder = Folder(output_dir, storage_options)
+    folder.check_writable()
+    inputs = src if isinstance(src, Inputs) else list_inputs(src, storage_options, path_column)
+    if not inputs.items and not inputs.problems:
+        raise ValueError(f"no images found in {src if not isinstance(src, Inputs) else 'SRC'} (looked for "
+                         f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files, lists, tables, tar shards)")
+    dp = par.DataParallel(parallel)
     local_batch = dp.local_batch_size(batch_size)
-    plan = Plan(len(refs), dp.process_index, dp.process_count, local_batch, max(1, shard_size // local_batch))
+    step = dp.inference_step(make_forward(model, outputs, cfg["mean"], cfg["std"]))
+    plan = Plan(inputs, shard_size, dp.process_index, dp.process_count)
+    writer = FeatureWriter(folder, outputs, output_row_floats(model, outputs), inputs.columns, storage_dtype,
+                           part_bytes, process=dp.process_index)
 
-    os.makedirs(output_dir, exist_ok=True)
-    for name in os.listdir(output_dir):  # leftovers of a killed writer
-        if ".tmp-" in name:
-            try:
-                os.remove(os.path.join(output_dir, name))
-            except FileNotFoundError:
-                pass
-    manifest = {
-        "format": "beit-jax/features-v1",
+    folder.makedirs()
+    manifest = Manifest(folder, {
+        "format": FORMAT,
         # canonical arch.tag, so CLI ('beit_base_patch16_224') and API runs of one model agree
-        "model": model.pretrained_cfg.name if model.pretrained_cfg else (model_name or "Beit"),
+        "model": model.pretrained_cfg.name if model.pretrained_cfg else (model_name or type(model).__name__),
         "weights_sha256": weights_fingerprint(variables),
         "outputs": list(outputs),
         "dtype": jnp.dtype(model.dtype).name,
+        "storage_dtype": storage_dtype,
         "img_size": model.img_size,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-        "num_inputs": len(refs),
-        "inputs_sha256": _inputs_fingerprint(refs),
-        "process_count": plan.process_count,
-        "local_batch_size": local_batch,
+        "num_inputs": plan.num_inputs,
+        "inputs_sha256": plan.fingerprint,
         "global_batch_size": batch_size,
-        "rows_per_shard": plan.rows_per_shard,
-        "num_shards_per_process": plan.num_shards,
+        "rows_per_unit": shard_size,
+        "rows_per_part": writer.rows_per_part,
+        "columns": inputs.columns,
+        "num_units": len(plan.units),
+        "row_keys": "input index" if plan.listed_only else "(unit << 32) | position in unit",
         "parallel": parallel,
-    }
-    par.sync("beit-jax-extract-start")
-    _check_or_write_manifest(output_dir, manifest, resume)
+        "process_count": dp.process_count,
+    })
+    lock = WriterLock(folder) if dp.process_index == 0 else None
+    try:
+        manifest.open(resume, lock)
+        return _run(manifest, folder, plan, dp, step, writer, model, variables, transform, outputs, local_batch,
+                    workers, backend, resume, verify, prefetch_shards, progress, parallel, stop, t_start,
+                    defaults.hint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(manifest, folder, plan, dp, step, writer, model, variables, transform, outputs, local_batch, workers,
+         backend, resume, verify, prefetch_shards, progress, parallel, stop, t_start, hint) -> Dict[str, Any]:
+    stop = stop or threading.Event()
+    if dp.process_index == 0:
+        _remove_own_temp_files(folder)
     par.sync("beit-jax-manifest")
 
-    done = np.array([os.path.exists(os.path.join(output_dir, shard_name(s, plan.process_index, plan.process_count)))
-                     for s in range(plan.num_shards)], dtype=bool)
-    done = par.all_processes_agree(done)
-    todo = [s for s in range(plan.num_shards) if not done[s]]
-    slots_by_shard = {s: plan.shard_slots(s) for s in todo}
-    todo_rows = sum(sum(1 for i in sl if i >= 0) for sl in slots_by_shard.values())
+    done, problems = finished_units(folder, verify=verify) if resume else ({}, [])
+    for p in problems:
+        print(f"warning: redoing {p}", file=sys.stderr, flush=True)
+    is_done = par.all_processes_agree(np.array([u.index in done for u in plan.units], dtype=bool))
+    todo = [u for u in plan.mine if not is_done[u.index]]
 
-    params = dp.replicate(cast_for_inference(model, variables))
-    image_shape = (transform.size[0], transform.size[1], 3)
-    stats = dict(decode_wait_s=0.0, device_wait_s=0.0, write_s=0.0, rows=0, failed=0)
     bar = None
-    if progress and plan.process_index == 0:
+    if progress and dp.process_index == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=todo_rows, unit="img", desc=f"extract ({dp.num_devices} devices, {parallel})",
+        total = sum(len(u.refs) for u in todo) if plan.listed_only else None
+        bar = tqdm(total=total, unit="img", desc=f"extract ({dp.num_devices} devices, {parallel})",
                    dynamic_ncols=True, file=sys.stderr)
 
-    all_slots = [i for s in todo for i in slots_by_shard[s]]
-    steps_per_shard = {s: len(slots_by_shard[s]) // local_batch for s in todo}
-    shard_of_step = [s for s in todo for _ in range(steps_per_shard[s])]
-    acc: Dict[str, list] = {}
+    tracker = UnitTracker(plan, todo, writer, outputs)
 
-    def finish_step(step: int, hb, out) -> None:
-        t0 = time.perf_counter()
-        rows = dp.fetch(out)
-        stats["device_wait_s"] += time.perf_counter() - t0
-        s = shard_of_step[step]
-        a = acc.setdefault(s, dict(ids=[], errors=[], **{o: [] for o in outputs}))
-        a["ids"].append(hb.indices[hb.valid])
-        for o in outputs:
-            a[o].append(rows[o][hb.valid])
-        a["errors"].extend(hb.errors)
-        stats["rows"] += int(hb.valid.sum())
-        stats["failed"] += len(hb.errors)
-        if step == 0:  # compile and warm-up end here: steady-state throughput counts from now
-            stats["t_first"], stats["rows_first"] = time.perf_counter(), stats["rows"]
+    def on_rows(i: int, hb: HostBatch, rows) -> None:
+        tracker.add(hb, rows)
         if bar is not None:
             bar.update(int((hb.indices >= 0).sum()))
-        if step + 1 == len(shard_of_step) or shard_of_step[step + 1] != s:
-            t1 = time.perf_counter()
-            _write_shard(output_dir, plan, s, acc.pop(s), refs, outputs, image_shape)
-            stats["write_s"] += time.perf_counter() - t1
 
-    with Decoder(transform, workers=workers, backend=backend, window=max(2 * local_batch, 16)) as decoder:
-        stream = batches(refs, all_slots, local_batch, decoder, image_shape)
-        pending = None
-        step = 0
-        while True:
-            t0 = time.perf_counter()
-            hb = next(stream, None)
-            stats["decode_wait_s"] += time.perf_counter() - t0
-            if hb is None:
-                break
-            out = dp(params, dp.put_batch(hb.images))  # async: the device works while we go on
-            if pending is not None:
-                finish_step(*pending)
-            pending = (step, hb, out)
-            step += 1
-        if pending is not None:
-            finish_step(*pending)
-    if bar is not None:
-        bar.close()
-
-    par.sync("beit-jax-extract-done")
-    if plan.process_index == 0:
-        _finalize(output_dir, manifest)
-    par.sync("beit-jax-finalized")
+    image_shape = (transform.size[0], transform.size[1], 3)
+    params = dp.replicate(cast_for_inference(model, variables))
+    refs = prefetch([lambda u=u: plan.refs_of(u) for u in todo], ahead=prefetch_shards)
+    try:
+        with Decoder(transform, workers=workers, backend=backend, window=max(2 * local_batch, 16)) as decoder:
+            stream = lockstep(stream_batches(refs, local_batch, decoder, image_shape),
+                              lambda: HostBatch.empty(local_batch, image_shape), stop)
+            stats = run_pipeline(step, dp, params, stream, on_rows)
+        if not stop.is_set():
+            tracker.finish()
+    except StorageFullError as e:
+        raise StorageFullError(e.errno, f"{e.strerror}. {tracker.closed} of this process's {len(todo)} units "
+                               f"were finished and are kept: free space, then run the same command with "
+                               f"--resume to continue") from e
+    finally:
+        refs.close()
+        if bar is not None:
+            bar.close()
+    interrupted = stop.is_set()
+    if not interrupted:
+        par.sync("beit-jax-extract-done")
+        if dp.process_index == 0:
+            manifest.finalize(len(plan.units))
+        par.sync("beit-jax-finalized")
+        totals = read_manifest(folder)
+        if totals["rows"] == 0 and totals["failed"] > 0:
+            first = json.loads(folder.read(FAILED).decode().splitlines()[0])
+            raise AllInputsFailedError(
+                f"every one of the {totals['failed']} inputs failed, so {folder.url} holds no features (see "
+                f"{folder.url_of(FAILED)}; the first: {first['path']}: {first['error']})")
     t_end = time.perf_counter()
     elapsed = t_end - t_start
-    steady_rows = stats["rows"] - stats.get("rows_first", 0)
-    steady_s = t_end - stats.get("t_first", t_end)
-    summary = dict(images=stats["rows"], failed=stats["failed"], seconds=elapsed,
-                   images_per_sec=stats["rows"] / elapsed if elapsed > 0 else 0.0,
-                   steady_images_per_sec=steady_rows / steady_s if steady_s > 0 else None,
-                   decode_wait_s=stats["decode_wait_s"], device_wait_s=stats["device_wait_s"],
-                   write_s=stats["write_s"], skipped_shards=int(done.sum()), shards=plan.num_shards,
-                   devices=dp.num_devices, processes=dp.process_count, compiled_programs=dp.cache_size())
-    return summary
+    steady_s = t_end - (stats.t_first or t_end)
+    return dict(images=stats.rows, failed=stats.failed, seconds=elapsed,
+                images_per_sec=stats.rows / elapsed if elapsed > 0 else 0.0,
+                steady_images_per_sec=(stats.rows - stats.rows_first) / steady_s if steady_s > 0 else None,
+                decode_wait_s=stats.decode_wait_s, device_wait_s=stats.device_wait_s, write_s=writer.write_s,
+                skipped_units=int(is_done.sum()), units=len(plan.units), devices=dp.num_devices,
+                processes=dp.process_count, compiled_programs=step.traces, redone_units=len(problems),
+                interrupted=interrupted, finished_units=int(is_done.sum()) + tracker.closed,
+                batch_size=local_batch * dp.process_count, hint=hint, **_compute_summary(model))
 
 
-def _write_shard(output_dir, plan: Plan, shard: int, a, refs, outputs, image_shape) -> None:
-    ids = np.concatenate(a["ids"]) if a["ids"] else np.zeros((0,), np.int64)
-    arrays = {"ids": ids.astype(np.int64), "paths": np.array([refs[i].id for i in ids], dtype=str)}
-    for o in outputs:
-        arrays[o] = np.concatenate(a[o]) if a[o] else np.zeros((0,), np.float32)
-    failed = sorted(a["errors"])
-    arrays["failed_ids"] = np.array([i for i, _ in failed], dtype=np.int64)
-    arrays["failed_paths"] = np.array([refs[i].id for i, _ in failed], dtype=str)
-    arrays["failed_errors"] = np.array([e for _, e in failed], dtype=str)
-    atomic_write(os.path.join(output_dir, shard_name(shard, plan.process_index, plan.process_count)),
-                 lambda f: np.savez(f, **arrays))
+def _compute_summary(model) -> Dict[str, Any]:
+    """Compute dtype and the attention implementation that ran (and why not cuDNN, if it did not)."""
+    impl, why = model.attention_impl()
+    return dict(dtype=jnp.dtype(model.dtype).name, attention=impl, attention_note=why)
 
 
-def _shard_files(output_dir: str) -> List[str]:
-    return sorted(n for n in os.listdir(output_dir) if _SHARD_RE.match(n))
+def _remove_own_temp_files(folder: Folder) -> None:
+    """Leftovers of a killed local writer: only files named with our temp marker, in our folders."""
+    if not folder.local:
+        return
+    import os
+
+    for sub in [""] + [d for d in folder.listdir() if os.path.isdir(folder.path(d))]:
+        for name in folder.listdir(sub):
+            if TEMP_MARKER in name:
+                try:
+                    os.remove(folder.path(os.path.join(sub, name) if sub else name))
+                except FileNotFoundError:
+                    pass
 
 
-def _finalize(output_dir: str, manifest: Dict[str, Any]) -> None:
-    failed, rows = [], 0
-    for name in _shard_files(output_dir):
-        with np.load(os.path.join(output_dir, name)) as z:
-            rows += len(z["ids"])
-            failed.extend(zip(z["failed_ids"].tolist(), z["failed_paths"].tolist(), z["failed_errors"].tolist()))
-    failed.sort()
-    atomic_write(os.path.join(output_dir, FAILED),
-                 "".join(json.dumps({"path": p, "error": e}) + "\n" for _, p, e in failed))
-    atomic_write(os.path.join(output_dir, MANIFEST),
-                 json.dumps(dict(manifest, status="complete", rows=rows, failed=len(failed)), indent=2))
-
-
-def read_features(output_dir: str, output: Optional[str] = None) -> Tuple[List[str], np.ndarray]:
-    """(paths, features) of an extract run, in input order (failed inputs have no row).
-
-    output: which array ('pooled', 'tokens', 'logits'); default: the run's first output.
-    """
-    with open(os.path.join(output_dir, MANIFEST)) as f:
-        manifest = json.load(f)
-    output = output or manifest["outputs"][0]
-    if output not in manifest["outputs"]:
-        raise ValueError(f"{output_dir} has outputs {manifest['outputs']}, not {output!r}")
-    ids, paths, feats = [], [], []
-    for name in _shard_files(output_dir):
-        with np.load(os.path.join(output_dir, name)) as z:
-            ids.append(z["ids"])
-            paths.extend(z["paths"].tolist())
-            feats.append(z[output])
-    if not ids:
-        return [], np.zeros((0,), np.float32)
-    ids = np.concatenate(ids)
-    order = np.argsort(ids, kind="stable")
-    if len(np.unique(ids)) != len(ids):
-        raise RuntimeError(f"{output_dir}: duplicate rows across shards (mixed runs?)")
-    feats = np.concatenate(feats)[order]
-    return [paths[i] for i in order], feats
-
-
-def read_failures(output_dir: str) -> List[Dict[str, str]]:
-    path = os.path.join(output_dir, FAILED)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+__all__ = ["extract", "read_features", "read_failures", "OutputMismatchError", "CorruptOutputError", "Plan",
+           "Manifest", "make_forward", "run_pipeline", "OUTPUTS"]

@@ -2,18 +2,23 @@
 
 timm (center crop mode): Resize(short side -> floor(size / crop_pct), PIL interpolation, long side
 truncated as torchvision does), CenterCrop(size), ToTensor (/255), Normalize(mean, std).
+The train transform composes beit_jax.augment's pieces in timm's order (TrainTransform).
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
-_INTERPOLATION = {
+from .augment import RandAugment, RandomErasing, erase, random_resized_crop_params
+from .pretrained import get_pretrained_cfg
+
+INTERPOLATION = {
     "nearest": Image.NEAREST,
     "bilinear": Image.BILINEAR,
     "bicubic": Image.BICUBIC,
@@ -39,10 +44,10 @@ def resolve_data_config(model=None, **overrides) -> Dict[str, Any]:
     cfg: Dict[str, Any] = dict(input_size=(3, 224, 224), interpolation="bicubic",
                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                                crop_pct=DEFAULT_CROP_PCT, crop_mode="center")
-    if isinstance(model, str):
-        from .registry import build_model
-        model = build_model(model)
-    pcfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(model, str):  # a name: its tag's config
+        pcfg, model = get_pretrained_cfg(model), None
+    else:
+        pcfg = getattr(model, "pretrained_cfg", None)
     if pcfg is not None:
         cfg.update(input_size=tuple(pcfg.input_size), interpolation=pcfg.interpolation,
                    mean=tuple(pcfg.mean), std=tuple(pcfg.std), crop_pct=pcfg.crop_pct,
@@ -53,7 +58,7 @@ def resolve_data_config(model=None, **overrides) -> Dict[str, Any]:
     return cfg
 
 
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def as_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(size, int):
         return size, size
     size = tuple(size)
@@ -118,11 +123,11 @@ class EvalTransform:
 
     def __init__(self, input_size, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
                  std=(0.229, 0.224, 0.225), crop_pct=DEFAULT_CROP_PCT, crop_mode="center"):
-        if interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)} (got {interpolation!r})")
+        if interpolation not in INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATION)} (got {interpolation!r})")
         if crop_mode not in ("center", "squash"):
             raise ValueError(f"crop_mode {crop_mode!r} is not supported (use 'center' or 'squash')")
-        self.size = _pair(input_size)
+        self.size = as_hw(input_size)
         self.interpolation = interpolation
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_pct = crop_pct or DEFAULT_CROP_PCT
@@ -132,7 +137,7 @@ class EvalTransform:
             raise ValueError(f"center crop needs a square input_size (got {self.size}); BEiT inputs are square")
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
-        resample = _INTERPOLATION[self.interpolation]
+        resample = INTERPOLATION[self.interpolation]
         if self.crop_mode == "squash":
             w, h = img.size
             if (h, w) != self.scale_size:
@@ -153,13 +158,82 @@ class EvalTransform:
                 f"interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std})")
 
 
+class TrainTransform:
+    """timm's train transform (`transforms_imagenet_train`) without torch, every random choice
+    drawn from a per-sample seed:
+
+      RandomResizedCrop(scale, ratio) -> horizontal flip (p=hflip) -> RandAugment (`auto_augment`,
+      e.g. 'rand-m9-mstd0.5-inc1'; colour jitter is off as in timm when RandAugment is on)
+      -> ToTensor + Normalize -> RandomErasing (`re_prob`, `re_mode`).
+
+    The PIL stage runs on the host (`crop_uint8`: an (H, W, 3) uint8 array that travels to the
+    device as is). Erasing acts on normalized pixels, so the fine-tuning loop applies it on the
+    device from `erase_box(seed)`; `__call__` runs the whole chain on the host (normalized
+    float32, erased pixels drawn from the same seed). Same seed, same image: resumable.
+    """
+
+    def __init__(self, input_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 auto_augment: Optional[str] = None, re_prob: float = 0.0, re_mode: str = "pixel"):
+        if interpolation not in INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATION)} (got {interpolation!r})")
+        self.size = as_hw(input_size)
+        self.interpolation = interpolation
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.auto_augment = auto_augment or None
+        self.rand_augment = None
+        if self.auto_augment:
+            # timm's aa_params: fill with the mean colour, translate 45% of the size, the crop's interpolation
+            fill = tuple(min(255, round(255 * m)) for m in self.mean)
+            self.rand_augment = RandAugment.from_config(self.auto_augment, fill=fill,
+                                                        resample=INTERPOLATION[interpolation])
+        self.erasing = RandomErasing(re_prob, mode=re_mode) if re_prob > 0 else None
+
+    def augment(self, img: Image.Image, rng) -> Image.Image:
+        """The PIL stage with an explicit random generator (see beit_jax.augment)."""
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale, self.ratio)
+        # torchvision's resized_crop: crop, then resize (a resize with box= reads pixels past the box edge)
+        img = img.crop((left, top, left + w, top + h)).resize((self.size[1], self.size[0]),
+                                                               INTERPOLATION[self.interpolation])
+        if self.hflip > 0 and rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            img = self.rand_augment(img, rng)
+        return img
+
+    def crop_uint8(self, img: Image.Image, seed: Optional[int] = None) -> np.ndarray:
+        """Crop, flip and RandAugment: (H, W, 3) uint8."""
+        return to_uint8_array(self.augment(img, np.random.default_rng(seed)))
+
+    def erase_box(self, seed: Optional[int] = None) -> np.ndarray:
+        """(top, left, h, w) int32 of the box random erasing fills for this seed (zeros: none).
+        Drawn from its own stream of the seed, so it needs no image."""
+        if self.erasing is None:
+            return np.zeros(4, np.int32)
+        rng = np.random.default_rng(None if seed is None else [seed, 1])
+        return np.asarray(self.erasing.box(rng, *self.size), np.int32)
+
+    def __call__(self, img: Image.Image, seed: Optional[int] = None) -> np.ndarray:
+        x = normalize(self.crop_uint8(img, seed), self.mean, self.std)
+        if self.erasing is None:
+            return x
+        box = self.erase_box(seed)
+        noise = np.random.default_rng(None if seed is None else [seed, 2]).standard_normal(x.shape, np.float32)
+        return erase(x[None], box[None], noise[None], self.erasing.mode)[0]
+
+    def __repr__(self):
+        return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+                f"interpolation={self.interpolation!r}, auto_augment={self.auto_augment!r}, "
+                f"erasing={self.erasing})")
+
+
 def create_transform(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
                      std=(0.229, 0.224, 0.225), crop_pct=None, crop_mode="center",
                      is_training: bool = False, **train_kwargs) -> Callable[[Image.Image], np.ndarray]:
-    """timm's `create_transform(**data_config)`: eval by default, training augmentation with
-    is_training=True (see `finetune.TrainTransform`)."""
+    """timm's `create_transform(**data_config)`: the eval transform by default, `TrainTransform`
+    with is_training=True (train_kwargs: scale, ratio, hflip, auto_augment, re_prob, re_mode)."""
     if is_training:
-        from .augment import TrainTransform
         return TrainTransform(input_size, interpolation=interpolation, mean=mean, std=std, **train_kwargs)
     return EvalTransform(input_size, interpolation, mean, std, crop_pct, crop_mode)
 
@@ -191,4 +265,5 @@ def load_image(path: Union[str, os.PathLike, bytes], mode: str = "RGB", exif_tra
                 return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, EOFError) as e:
-        raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {e}") from e
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", label, str(e))
+        raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {reason}") from e

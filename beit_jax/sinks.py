@@ -1,0 +1,239 @@
+"""What `extract` writes, in the layout the vector-search tools read (clip-retrieval's):
+
+  OUT/<output>/<stem>.npy         one per output (pooled, logits: 2-D (rows, D); tokens: 3-D)
+  OUT/metadata/<stem>.parquet     same stem and row order: id, path, passed-through table columns
+  OUT/units/<unit>.json           written last for each unit of work: its parts (rows, bytes,
+                                  sha256 of every file) and its failed inputs. A unit without it
+                                  is unfinished and is redone by --resume.
+  OUT/manifest.json, OUT/failed.jsonl   (extract.py)
+
+Stems are '<unit:07d>-<part:04d>' and sort in input order. A unit's rows are split into parts of at
+most `part_bytes`, so memory stays bounded for any output (tokens of a large model included).
+`embedding_reader.EmbeddingReader(OUT/'pooled', metadata_folder=OUT/'metadata',
+meta_columns=['path'], file_format='parquet_npy')` reads it as is.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .sources import ImageRef
+from .storage import Folder
+
+MANIFEST = "manifest.json"
+FAILED = "failed.jsonl"
+UNITS = "units"
+METADATA = "metadata"
+STORAGE_DTYPES = ("float32", "float16")
+
+
+class OutputMismatchError(RuntimeError):
+    """The output folder holds results of another model, config or input list."""
+
+
+class CorruptOutputError(RuntimeError):
+    """A finished file is missing, truncated or altered; the message names it."""
+
+
+def stem(unit: int, part: int) -> str:
+    return f"{unit:07d}-{part:04d}"
+
+
+def unit_marker(unit: int) -> str:
+    return f"{UNITS}/{unit:07d}.json"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def parquet_bytes(columns: Dict[str, list]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+class FeatureWriter:
+    """Rows of one process's units -> npy + parquet parts, then the unit's marker.
+
+    Units arrive in order; `add` takes the valid rows and the failures of one batch, `close` ends a
+    unit (also one that produced no rows). Parts are flushed as soon as they hold `rows_per_part`.
+    """
+
+    def __init__(self, folder: Folder, outputs: Sequence[str], row_bytes: Dict[str, int], columns: Sequence[str],
+                 storage_dtype: str = "float32", part_bytes: int = 256 << 20, process: int = 0):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES} (got {storage_dtype!r})")
+        self.folder, self.outputs, self.columns, self.process = folder, tuple(outputs), list(columns), process
+        self.dtype = np.dtype(storage_dtype)
+        per_row = sum(row_bytes[o] for o in self.outputs) * self.dtype.itemsize // 4
+        self.rows_per_part = max(1, part_bytes // max(per_row, 1))
+        self.write_s = 0.0
+        self._unit: Optional[int] = None
+        self._rows: Dict[str, list] = {}
+        self._refs: List[ImageRef] = []
+        self._parts: List[Dict[str, Any]] = []
+        self._failed: List[Dict[str, str]] = []
+
+    def _start(self, unit: int) -> None:
+        self._unit, self._parts, self._failed = unit, [], []
+        self._rows, self._refs = {o: [] for o in self.outputs}, []
+
+    def add(self, unit: int, refs: Sequence[ImageRef], rows: Dict[str, np.ndarray],
+            failed: Sequence[Tuple[ImageRef, str]] = ()) -> None:
+        if self._unit != unit:
+            if self._unit is not None:
+                raise RuntimeError(f"unit {self._unit} was not closed before unit {unit}")
+            self._start(unit)
+        self._failed.extend({"path": r.id, "error": e} for r, e in failed)
+        for i, ref in enumerate(refs):
+            self._refs.append(ref)
+            for o in self.outputs:
+                self._rows[o].append(rows[o][i])
+            if len(self._refs) == self.rows_per_part:
+                self._flush()
+
+    def close(self, unit: int) -> Dict[str, Any]:
+        """Write what is left of the unit and its marker (the unit is then finished)."""
+        if self._unit != unit:
+            self._start(unit)
+        if self._refs:
+            self._flush()
+        t0 = time.perf_counter()
+        marker = {"unit": unit, "process": self.process, "rows": sum(p["rows"] for p in self._parts),
+                  "parts": self._parts, "failed": self._failed}
+        self.folder.write(unit_marker(unit), json.dumps(marker).encode())
+        self.write_s += time.perf_counter() - t0
+        self._unit = None
+        return marker
+
+    def _flush(self) -> None:
+        t0 = time.perf_counter()
+        s = stem(self._unit, len(self._parts))
+        files = {}
+        for o in self.outputs:
+            files[f"{o}/{s}.npy"] = npy_bytes(np.stack(self._rows[o]).astype(self.dtype))
+        meta = {"id": [r.index for r in self._refs], "path": [r.id for r in self._refs]}
+        for c in self.columns:
+            meta[c] = [(r.meta or {}).get(c) for r in self._refs]
+        files[f"{METADATA}/{s}.parquet"] = parquet_bytes(meta)
+        for rel, data in files.items():
+            self.folder.write(rel, data)
+        self._parts.append({"stem": s, "rows": len(self._refs),
+                            "files": {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                                      for rel, d in files.items()}})
+        self._rows, self._refs = {o: [] for o in self.outputs}, []
+        self.write_s += time.perf_counter() - t0
+
+
+# ---- reading back ---------------------------------------------------------------------------------
+def read_manifest(folder: Folder) -> Dict[str, Any]:
+    if not folder.exists(MANIFEST):
+        raise FileNotFoundError(f"{folder.url_of(MANIFEST)} not found: not a beit-jax extract output")
+    raw = folder.read(MANIFEST)
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise CorruptOutputError(f"{folder.url_of(MANIFEST)} is not valid JSON ({len(raw)} bytes: {e}); "
+                                 f"the folder was damaged: extract into a new folder") from e
+
+
+def finished_units(folder: Folder, sizes: Optional[Dict[str, int]] = None,
+                   verify: bool = False) -> Tuple[Dict[int, Dict], List[str]]:
+    """({unit: marker} of finished units whose files are all present at their recorded size (and,
+    with verify, sha256), [problems]): a unit with a missing or damaged file is reported and left
+    out (to be redone)."""
+    sizes = folder.sizes() if sizes is None else sizes
+    done, problems = {}, []
+    for rel in sorted(r for r in sizes if r.startswith(UNITS + "/") and r.endswith(".json")):
+        try:
+            marker = json.loads(folder.read(rel))
+        except ValueError:
+            problems.append(f"{folder.url_of(rel)} is not valid JSON")
+            continue
+        bad = [f"{folder.url_of(f)} ({'missing' if f not in sizes else f'{sizes[f]} bytes'}, expected {info['bytes']})"
+               for p in marker["parts"] for f, info in p["files"].items() if sizes.get(f) != info["bytes"]]
+        if not bad and verify:
+            for p in marker["parts"]:
+                for f, info in p["files"].items():
+                    try:
+                        _verified(folder, f, info)
+                    except CorruptOutputError:
+                        bad.append(f"{folder.url_of(f)} (sha256 differs from the one recorded)")
+        if bad:
+            problems.append(f"unit {marker['unit']}: " + "; ".join(bad))
+            continue
+        done[int(marker["unit"])] = marker
+    return done, problems
+
+
+def _verified(folder: Folder, rel: str, info: Dict[str, Any]) -> bytes:
+    data = folder.read(rel)
+    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CorruptOutputError(f"{folder.url_of(rel)} does not match what was written ({len(data)} bytes, "
+                                 f"expected {info['bytes']}, or its sha256 differs): run the same extract "
+                                 f"command with --resume --verify, which redoes the damaged units")
+    return data
+
+
+def read_features(output_dir: str, output: Optional[str] = None, *, storage_options=None,
+                  allow_partial: bool = False, with_ids: bool = False):
+    """(paths, features) of an extract run, in input order (failed inputs have no row).
+
+    output: 'pooled', 'tokens' or 'logits' (default: the run's first). Every file is checked
+    against the size and sha256 recorded when it was written. An unfinished run raises unless
+    allow_partial=True, which warns and returns the finished units only. with_ids adds the id
+    column as a third value.
+    """
+    import pyarrow.parquet as pq
+
+    folder = Folder(output_dir, storage_options)
+    manifest = read_manifest(folder)
+    output = output or manifest["outputs"][0]
+    if output not in manifest["outputs"]:
+        raise ValueError(f"{output_dir} has outputs {manifest['outputs']}, not {output!r}")
+    done, problems = finished_units(folder)
+    if manifest.get("status") != "complete" or problems:
+        msg = (f"{output_dir} is unfinished ({len(done)} of {manifest.get('num_units', '?')} units done"
+               f"{'; ' + '; '.join(problems[:5]) if problems else ''})")
+        if not allow_partial:
+            raise CorruptOutputError(msg + ": finish it with `beit-jax extract ... --resume`, or pass "
+                                           "allow_partial=True to read the finished units")
+        warnings.warn(msg + ": returning the finished units only", stacklevel=2)
+    ids, paths, feats = [], [], []
+    for unit in sorted(done):
+        for part in done[unit]["parts"]:
+            files = part["files"]
+            arr_rel, meta_rel = f"{output}/{part['stem']}.npy", f"{METADATA}/{part['stem']}.parquet"
+            feats.append(np.load(io.BytesIO(_verified(folder, arr_rel, files[arr_rel]))))
+            table = pq.read_table(io.BytesIO(_verified(folder, meta_rel, files[meta_rel])), columns=["id", "path"])
+            ids.append(np.asarray(table.column("id").to_pylist(), np.int64))
+            paths.extend(table.column("path").to_pylist())
+    if not ids:
+        empty = np.zeros((0,), np.float32)
+        return ([], empty, np.zeros((0,), np.int64)) if with_ids else ([], empty)
+    ids = np.concatenate(ids)
+    if len(np.unique(ids)) != len(ids):
+        raise CorruptOutputError(f"{output_dir}: duplicate rows across units (mixed runs?)")
+    order = np.argsort(ids, kind="stable")
+    feats = np.concatenate(feats)[order]
+    paths = [paths[i] for i in order]
+    return (paths, feats, ids[order]) if with_ids else (paths, feats)
+
+
+def read_failures(output_dir: str, storage_options=None) -> List[Dict[str, str]]:
+    folder = Folder(output_dir, storage_options)
+    if not folder.exists(FAILED):
+        return []
+    return [json.loads(line) for line in folder.read(FAILED).decode().splitlines() if line.strip()]

@@ -1,0 +1,350 @@
+"""Image sources: what SRC names, as a deterministic list of inputs, whatever storage it is on.
+
+SRC (one or several, any local path or fsspec URL; see storage.py):
+  folder / bucket prefix   every image below it, recursively, sorted (local walks detect symlink
+                           loops and report unreadable sub-folders)
+  glob                     'imgs/*.jpg', 's3://b/shards/*.tar' (sorted); webdataset's brace syntax
+                           'shards/shard-{00000..00999}.tar' is expanded first
+  list file (.txt .lst)    one path/URL per line, relative to the list's folder; '#' comments
+  table (.parquet .csv     a path/URL column (path_column, default the first of path, url,
+         .jsonl)           image_path, filepath present); the other columns travel to the outputs
+  tar shard (.tar)         a webdataset shard: members grouped into samples by key, the image member
+                           taken by extension, id '<shard>/<key>'; read as one sequential stream
+  image file               itself
+
+Listed inputs (files, URLs, table rows) become `ImageRef`s at once; a tar shard is listed as one
+`TarShard` and streamed when its turn comes (`stream_tar`), so its samples are never counted or
+fetched twice. A bad input never raises here: it becomes a ref carrying its error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+import queue
+import re
+import tarfile
+import threading
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .storage import filesystem, is_local_fs, unstrip
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm", ".pnm"})
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+TABLE_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
+PATH_COLUMNS = ("path", "url", "image_path", "filepath")
+RESERVED_COLUMNS = ("id", "path")  # the outputs' own columns: a table's are renamed input_<name>
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """One input. `id` is what the outputs report (a path/URL, or '<shard>/<key>').
+
+    The bytes come from `data` (already read: a tar member), else from `path` on `fs` (None: the
+    local filesystem). `error` marks an input known to be unreadable before decoding.
+    """
+    id: str
+    path: str
+    fs: Any = dataclasses.field(default=None, compare=False, repr=False)
+    data: Optional[bytes] = dataclasses.field(default=None, compare=False, repr=False)
+    error: Optional[str] = None
+    meta: Optional[Dict[str, Any]] = dataclasses.field(default=None, compare=False)  # passthrough columns
+    index: int = -1  # the output row key (extract.Plan assigns it)
+    seed: int = -1  # per-sample augmentation seed (training); -1: deterministic transform
+
+    def read_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.fs is None or is_local_fs(self.fs):
+            if not os.path.isfile(self.path):  # FIFOs, devices, folders: never block on them
+                raise OSError(f"not a regular file: {self.path}" if os.path.exists(self.path)
+                              else f"no such file: {self.path}")
+            with open(self.path, "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TarShard:
+    """A webdataset tar shard, streamed when its turn comes."""
+    url: str
+    path: str
+    fs: Any = dataclasses.field(compare=False, repr=False)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Everything SRC names, in input order: ImageRefs and TarShards, plus the passthrough column
+    names (tables) and problems met while listing (unreadable folders, symlink loops)."""
+    items: List[Union[ImageRef, TarShard]]
+    columns: List[str]
+    problems: List[ImageRef]
+
+
+def _ext(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def is_image_name(name: str) -> bool:
+    return _ext(name) in IMAGE_EXTENSIONS
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """webdataset's brace syntax: 'a-{000..002}.tar' -> a-000.tar, a-001.tar, a-002.tar (also {x,y})."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
+
+
+def list_inputs(src: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                storage_options: Optional[Dict[str, Any]] = None,
+                path_column: Optional[str] = None) -> Inputs:
+    """Every input of SRC in a deterministic order (see the module docstring)."""
+    srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    out = Inputs([], [], [])
+    for s in srcs:
+        s = os.fspath(s)
+        for url in (expand_braces(s) if "{" in s else [s]):
+            _list_one(url, storage_options, path_column, out)
+    return out
+
+
+def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
+    fs, path = filesystem(url, storage_options)
+    if not is_local_fs(fs):
+        fs.invalidate_cache()  # list what is there now, not what this process saw before
+    if any(c in path for c in "*?[") and not fs.exists(path):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"no files match {url}")
+        for m in matches:
+            _list_one(unstrip(fs, m), storage_options, path_column, out)
+        return
+    if fs.isdir(path):
+        refs, problems = (_walk_local(path) if is_local_fs(fs) else _walk_remote(fs, path))
+        out.items.extend(refs)
+        out.problems.extend(problems)
+        return
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input not found: {url}")
+    ext = _ext(path)
+    if ext == ".tar":
+        out.items.append(TarShard(unstrip(fs, path), path, fs))
+    elif ext in LIST_EXTENSIONS:
+        out.items.extend(_read_list(fs, path, storage_options))
+    elif ext in TABLE_EXTENSIONS:
+        out.items.extend(_read_table(fs, path, storage_options, path_column, out.columns))
+    elif is_image_name(path):
+        out.items.append(_ref(fs, path))
+    else:
+        raise ValueError(f"{url}: not a folder, image, .tar shard, list file ({', '.join(sorted(LIST_EXTENSIONS))}) "
+                         f"or table ({', '.join(sorted(TABLE_EXTENSIONS))})")
+
+
+def _ref(fs, path: str, id: Optional[str] = None, **kw) -> ImageRef:
+    url = unstrip(fs, path)
+    return ImageRef(id or url, path, None if is_local_fs(fs) else fs, **kw)
+
+
+def _walk_local(root: str) -> Tuple[List[ImageRef], List[ImageRef]]:
+    """os.walk following symlinks, but each real folder once (a link back up is a loop, reported)."""
+    refs, problems, seen = [], [], set()
+
+    def onerror(err: OSError):
+        problems.append(ImageRef(err.filename or root, err.filename or root,
+                                 error=f"cannot list folder {err.filename}: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=onerror):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            problems.append(ImageRef(dirpath, dirpath, error=f"symlink loop: {dirpath} is {real}, already listed"))
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            if is_image_name(name):
+                p = os.path.join(dirpath, name)
+                refs.append(ImageRef(p, p))
+    return refs, problems
+
+
+def _walk_remote(fs, root: str) -> Tuple[List[ImageRef], List[ImageRef]]:
+    return [_ref(fs, p) for p in sorted(fs.find(root)) if is_image_name(p)], []
+
+
+def _join(fs, base_dir: str, entry: str, storage_options) -> Tuple[Any, str]:
+    """An entry of a list/table: a URL, an absolute path, or a path relative to the list's folder."""
+    if "://" in entry:
+        return filesystem(entry, storage_options)
+    if is_local_fs(fs):
+        return fs, entry if os.path.isabs(entry) else os.path.normpath(os.path.join(base_dir, entry))
+    return fs, entry.lstrip("/") if entry.startswith("/") else posixpath.join(base_dir, entry)
+
+
+def _read_list(fs, path: str, storage_options) -> List[ImageRef]:
+    base = posixpath.dirname(path) if not is_local_fs(fs) else os.path.dirname(path)
+    refs = []
+    for line in fs.cat_file(path).decode("utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        efs, epath = _join(fs, base, line, storage_options)
+        refs.append(ImageRef(line, epath, None if is_local_fs(efs) else efs))
+    return refs
+
+
+def _read_table(fs, path: str, storage_options, path_column: Optional[str], columns: List[str]) -> List[ImageRef]:
+    with fs.open(path, "rb") as f:
+        ext = _ext(path)
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(f)
+        elif ext == ".csv":
+            import pyarrow.csv as pacsv
+            table = pacsv.read_csv(f)
+        else:
+            import pyarrow.json as pajson
+            table = pajson.read_json(f)
+    names = table.column_names
+    col = path_column or next((c for c in PATH_COLUMNS if c in names), None)
+    if col is None or col not in names:
+        wanted = repr(path_column) if path_column else " or ".join(PATH_COLUMNS)
+        raise ValueError(f"{unstrip(fs, path)}: no {wanted} column (it has {', '.join(names)}); "
+                         f"name the column with --path-column")
+    rest = [c for c in names if c != col]
+    renamed = {c: (f"input_{c}" if c in RESERVED_COLUMNS else c) for c in rest}
+    for c in rest:
+        if renamed[c] not in columns:
+            columns.append(renamed[c])
+    base = posixpath.dirname(path) if not is_local_fs(fs) else os.path.dirname(path)
+    rows = table.select(rest).to_pylist() if rest else [{}] * table.num_rows
+    refs = []
+    for entry, row in zip(table.column(col).to_pylist(), rows):
+        meta = {renamed[k]: _plain(v) for k, v in row.items()}
+        if entry is None or str(entry).strip() == "":
+            refs.append(ImageRef(f"{unstrip(fs, path)}#row{len(refs)}", "", error=f"empty {col!r} value",
+                                 meta=meta))
+            continue
+        entry = str(entry)
+        efs, epath = _join(fs, base, entry, storage_options)
+        refs.append(ImageRef(entry, epath, None if is_local_fs(efs) else efs, meta=meta))
+    return refs
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+# ---- webdataset tar shards ------------------------------------------------------------------------
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]:
+    """Samples of a webdataset shard in order, read as ONE sequential stream.
+
+    Consecutive members with the same key form a sample; its image is the member with an image
+    extension. A sample without one, or an unreadable tail (truncated shard), becomes an error ref;
+    the samples before it are kept.
+    """
+    current, files, last, reading = None, {}, None, None
+
+    def sample(key, members):
+        sid = f"{shard.url}/{key}"
+        image = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS), None)
+        if image is None:
+            return ImageRef(sid, shard.url, error=f"{sid}: no image member (has {', '.join(sorted(members)) or 'none'})")
+        return ImageRef(sid, shard.url, data=members[image])
+
+    try:
+        opener = open(shard.path, "rb") if is_local_fs(shard.fs) else shard.fs.open(shard.path, "rb",
+                                                                                      block_size=block_size)
+        with opener as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                match = _KEY_RE.match(m.name)
+                reading, ext = (match.group(1), match.group(2)) if match else (m.name, "")
+                data = tf.extractfile(m).read()
+                last = m.name
+                if reading != current and current is not None:
+                    yield sample(current, files)
+                    files = {}
+                current, reading = reading, None
+                files[ext] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        if current is not None and reading is not None and reading != current:
+            yield sample(current, files)  # complete: the break came inside the next sample
+        where = f"after member {last}" if last else "at its start"
+        yield ImageRef(f"{shard.url}#unreadable", shard.url,
+                       error=f"{shard.url}: unreadable {where} ({type(e).__name__}: {e}); the samples "
+                             f"before it were kept")
+        return
+    if current is not None:
+        yield sample(current, files)
+
+
+def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_size: int = 256) -> Iterator:
+    """Items of producers[0](), then producers[1](), ... in order, with up to `ahead` producers
+    running in background threads (bounded queues), so the next tar shards stream in while this one
+    is decoded. An exception inside a producer is re-raised here."""
+    done = object()
+    slots: List[Optional[queue.Queue]] = [None] * len(producers)
+    stop = threading.Event()
+
+    def run(i: int) -> None:
+        q = slots[i]
+        try:
+            for item in producers[i]():
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    def start(i: int) -> None:
+        if i < len(producers) and slots[i] is None:
+            slots[i] = queue.Queue(queue_size)
+            threading.Thread(target=run, args=(i,), daemon=True, name=f"beit-prefetch-{i}").start()
+
+    try:
+        for i in range(len(producers)):
+            for j in range(i, i + max(1, ahead)):
+                start(j)
+            q = slots[i]
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            slots[i] = None
+    finally:
+        stop.set()
+
+
+# ---- labelled folders (fine-tuning) -----------------------------------------------------------------
+def list_image_folder(root: Union[str, os.PathLike]) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
+    """An ImageFolder layout (one sub-folder per class): (refs, int labels, sorted class names)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE files)")
+    refs, labels = [], []
+    for label, name in enumerate(classes):
+        found, _ = _walk_local(os.path.join(root, name))
+        refs.extend(found)
+        labels.extend([label] * len(found))
+    return refs, np.asarray(labels, np.int32), classes
