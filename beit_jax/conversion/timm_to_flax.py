@@ -1,12 +1,13 @@
-"""timm BEiT checkpoint -> beit-jax Flax checkpoint (.msgpack + .json), with optional verification.
+"""timm BEiT / BEiT-3 checkpoint -> beit-jax Flax checkpoint (.msgpack + .json), with optional verification.
 
-    python -m conversion.timm_to_flax beit_base_patch16_224 --pretrained -o out/beit_base
-    python -m conversion.timm_to_flax release.pth --model beit_large_patch16_224 -o out/large --verify
+    python -m beit_jax.conversion.timm_to_flax beit_base_patch16_224 --pretrained -o out/beit_base
+    python -m beit_jax.conversion.timm_to_flax release.pth --model beit_large_patch16_224 -o out/large \
+        --verify --images photos/
 
 The output loads with `beit_jax.create_model(NAME, checkpoint_path="out/beit_base.msgpack")`.
-Format: flax.serialization msgpack (one self-contained file, readable without orbax or torch,
-restored straight into numpy) plus a JSON config; orbax is used for training checkpoints instead.
-The key mapping is beit_jax.weights' (one copy): this module only adds torch-side IO and checks.
+Format: flax.serialization msgpack (one self-contained file, readable without torch, restored
+straight into numpy) plus a JSON config. The key mapping is `beit_jax.mapping`'s (one copy): this
+module only adds torch-side IO and checks.
 """
 from __future__ import annotations
 
@@ -19,15 +20,14 @@ from typing import Dict, Optional
 import numpy as np
 
 import beit_jax
-from beit_jax import weights
-
-DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+from beit_jax import checkpoints, mapping
+from beit_jax.registry import ARCHITECTURES
 
 
 def read_source(source: str, pretrained: bool) -> Dict[str, np.ndarray]:
     """A timm state dict from a checkpoint file, or from timm itself for a model name (--pretrained)."""
     if os.path.exists(source):
-        return weights.load_state_dict_file(source)
+        return checkpoints.load_state_dict_file(source)
     if not pretrained:
         raise SystemExit(f"error: {source} is not a file; for a timm model name add --pretrained")
     import timm
@@ -37,13 +37,13 @@ def read_source(source: str, pretrained: bool) -> Dict[str, np.ndarray]:
 
 
 def infer_num_classes(sd) -> int:
-    sd = weights.unwrap_state_dict(sd)
+    sd = mapping.unwrap_state_dict(sd)
     return int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else 0
 
 
 def convert(sd, model_name: str, num_classes: Optional[int] = None, img_size: Optional[int] = None):
     """(module, variables) for `model_name` from a timm state dict; raises before anything is written."""
-    sd = dict(weights.unwrap_state_dict(sd))
+    sd = dict(mapping.unwrap_state_dict(sd))
     if num_classes is None:
         num_classes = infer_num_classes(sd)
     model = beit_jax.build_model(model_name, num_classes=num_classes, img_size=img_size)
@@ -53,16 +53,19 @@ def convert(sd, model_name: str, num_classes: Optional[int] = None, img_size: Op
     return model, beit_jax.convert_timm_state_dict(sd, model)
 
 
-def timm_reference(sd, model) -> "torch.nn.Module":
+def timm_reference(sd, model):
     """The timm model the checkpoint belongs to, loaded strictly through timm's own filter."""
+    import importlib
+
     import timm
     import torch
-    from timm.models.beit import checkpoint_filter_fn
 
-    arch = model.pretrained_cfg.architecture
-    tm = timm.create_model(arch, pretrained=False, num_classes=model.num_classes, img_size=model.img_size,
-                           global_pool=model.global_pool).eval()
-    tsd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.unwrap_state_dict(sd).items()}
+    arch = ARCHITECTURES[model.pretrained_cfg.architecture]
+    tm = timm.create_model(arch.timm_name, pretrained=False, **dict(arch.timm_kwargs, num_classes=model.num_classes,
+                           img_size=model.img_size, global_pool=model.global_pool)).eval()
+    # The filter of the timm module defining the model (timm.models.beit, .vision_transformer for BEiT-3).
+    checkpoint_filter_fn = importlib.import_module(type(tm).__module__).checkpoint_filter_fn
+    tsd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in mapping.unwrap_state_dict(sd).items()}
     if model.num_classes == 0:
         tsd = {k: v for k, v in tsd.items() if not k.startswith("head.")}
     tm.load_state_dict(checkpoint_filter_fn(tsd, tm), strict=True)
@@ -93,7 +96,9 @@ def verify(model, variables, tm, images_dir: Optional[Path], num_images: int = 1
     d_feat, logits, t_logits = compare(rand)
     report = {"random_max_abs_features": float(d_feat),
               "random_max_abs_logits": float(np.abs(logits - t_logits).max())}
-    if images_dir is not None and Path(images_dir).is_dir():
+    if images_dir is None:
+        print("  (no --images: verified on random inputs only)")
+    else:
         transform = beit_jax.create_transform(**beit_jax.resolve_data_config(model))
         xs = []
         for p in sorted(Path(images_dir).iterdir()):
@@ -122,9 +127,8 @@ def verify(model, variables, tm, images_dir: Optional[Path], num_images: int = 1
     return report
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m conversion.timm_to_flax", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command line of this tool (also `beit-jax convert`)."""
     ap.add_argument("source", help="checkpoint file (.safetensors/.pth/.bin) or timm model name (with --pretrained)")
     ap.add_argument("--pretrained", action="store_true", help="SOURCE is a timm model name: load timm's weights")
     ap.add_argument("--model", help="beit-jax architecture or arch.tag (default: SOURCE when it is a name)")
@@ -133,22 +137,25 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=None, help="input size; position tables are resized")
     ap.add_argument("-o", "--output", help="output path (writes OUTPUT.msgpack and OUTPUT.json)")
     ap.add_argument("--verify", action="store_true", help="compare against timm on random inputs and real images")
-    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else None,
-                    help="image folder for --verify (default: ../shared/data/imagenet-sample when present)")
+    ap.add_argument("--images", type=Path, default=None,
+                    help="folder of real images for --verify (without it, random inputs only)")
     ap.add_argument("--num-images", type=int, default=16, help="images for --verify (default: %(default)s)")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="max abs logit/feature difference --verify accepts (default: %(default)s)")
-    args = ap.parse_args(argv)
 
+
+def run(args) -> int:
     model_name = args.model or (args.source if not os.path.exists(args.source) else None)
     if model_name is None:
         raise SystemExit("error: pass --model ARCH for a checkpoint file (beit_jax.list_models() lists them)")
     if not args.output and not args.verify:
         raise SystemExit("error: nothing to do: give --output and/or --verify")
+    if args.images is not None and not args.images.is_dir():
+        raise SystemExit(f"error: --images {args.images} is not a folder")
     try:
         sd = read_source(args.source, args.pretrained)
         model, variables = convert(sd, model_name, args.num_classes, args.img_size)
-    except (weights.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+    except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted {args.source} -> {model.pretrained_cfg.architecture} "
@@ -165,9 +172,17 @@ def main(argv=None) -> int:
         else:
             print(f"OK: max abs difference {worst:.3g} <= {args.tolerance:g}")
     if args.output and status == 0:
-        mp, js = weights.save_flax_checkpoint(variables, model, args.output)
+        mp, js = checkpoints.save_flax_checkpoint(variables, model, args.output)
         print(f"wrote {mp} and {js}")
     return status
+
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m beit_jax.conversion.timm_to_flax", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """beit-jax Flax checkpoint (.msgpack + .json) -> timm-loadable .safetensors state dict.
 
-    python -m conversion.flax_to_timm out/finetuned.msgpack -o finetuned.safetensors --verify
+    python -m beit_jax.conversion.flax_to_timm out/finetuned.msgpack -o finetuned.safetensors --verify
 
 The result loads with strict=True:
     timm.create_model(ARCH, num_classes=K, pretrained=True,
@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 import beit_jax
-from beit_jax import weights
+from beit_jax import checkpoints, mapping
+from beit_jax.registry import ARCHITECTURES
 
 
 def load_flax(path: str, model_name=None):
     """(module, variables) from a .msgpack export; its .json gives the architecture and head size."""
-    cfg = weights.read_checkpoint_config(path) or {}
+    cfg = checkpoints.read_checkpoint_config(path) or {}
     name = model_name or cfg.get("model")
     if not name:
         raise SystemExit(f"error: {path} has no .json config beside it: pass --model ARCH")
@@ -29,7 +30,7 @@ def load_flax(path: str, model_name=None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m conversion.flax_to_timm", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m beit_jax.conversion.flax_to_timm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="beit-jax .msgpack file (its .json config beside it)")
     ap.add_argument("-o", "--output", required=True, help="output .safetensors path")
@@ -40,19 +41,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         model, variables = load_flax(args.checkpoint, args.model)
-    except (weights.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+    except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sd = beit_jax.to_timm_state_dict(variables, model)
     out = Path(args.output)
-    weights.save_safetensors(sd, out)
+    checkpoints.save_safetensors(sd, out)
     print(f"wrote {out} ({len(sd)} tensors, {model.pretrained_cfg.architecture}, num_classes={model.num_classes})")
     if args.verify:
         import timm
         import torch
 
-        tm = timm.create_model(model.pretrained_cfg.architecture, pretrained=True, num_classes=model.num_classes,
-                               img_size=model.img_size, global_pool=model.global_pool,
+        arch = ARCHITECTURES[model.pretrained_cfg.architecture]
+        tm = timm.create_model(arch.timm_name, pretrained=True,
+                               **dict(arch.timm_kwargs, num_classes=model.num_classes, img_size=model.img_size,
+                                      global_pool=model.global_pool),
                                pretrained_cfg_overlay=dict(file=str(out), num_classes=model.num_classes)).eval()
         x = np.random.RandomState(0).randn(2, model.img_size, model.img_size, 3).astype(np.float32)
         with torch.no_grad():

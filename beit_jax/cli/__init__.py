@@ -1,0 +1,28 @@
+"""The `beit-jax` command: classify | extract | convert | finetune | bench.
+
+One command layer: each sub-command is a module here with `register(subparsers)` (its flags, built
+from the shared helpers in `options.py`) and a `run(args)`. Errors a user can act on print one
+`error: ...` line and exit 2. Nothing in the library imports this package.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from . import bench, classify, convert, extract, finetune
+from .options import report_errors
+
+COMMANDS = (classify, extract, convert, finetune, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beit-jax", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_errors(args.run, args)

@@ -1,0 +1,104 @@
+"""`beit-jax extract SRC... --output DIR`: features for a large image set on every device."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import (add_distributed_options, add_dtype_option, add_model_options, attention_line, distributed,
+                      dtype_of, graceful_stop, json_object, load_model, non_negative_int, positive_int,
+                      report_errors)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="features for a large image set on all devices (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a BEiT over every image of SRC on every device (and every host) and write "
+                    "features to --output.\n\nSRC and --output: local paths or URLs (s3://, gs://, hf://, "
+                    "https:// for reading). SRC: a folder or bucket prefix (recursive), a glob, a list "
+                    "file (.txt), a table (.parquet/.csv/.jsonl) with a path/URL column, webdataset .tar "
+                    "shards ('shards/{00000..00099}.tar'), or an image.\nOutput: OUT/<output>/*.npy + "
+                    "OUT/metadata/*.parquet (id, path, table columns; what embedding-reader and "
+                    "autofaiss read), manifest.json and failed.jsonl (unreadable inputs: path, error); "
+                    "beit_jax.read_features(OUT) returns (paths, features) in input order.")
+    p.add_argument("src", nargs="+", help="image folder/prefix, glob, list file, table, .tar shard(s), image")
+    p.add_argument("--output", "-o", required=True,
+                   help="output folder or URL (created; refused if it holds another run)")
+    p.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
+                   help='fsspec options for every URL, e.g. \'{"anon": true}\' or '
+                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\' (credentials and endpoints '
+                        'otherwise come from the usual environment: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)')
+    p.add_argument("--path-column", default=None,
+                   help="table sources: the column with image paths/URLs (default: the first of "
+                        "path, url, image_path, filepath); the other columns are copied to the metadata")
+    add_model_options(p, num_classes=True)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="global batch over all devices of all hosts; a multiple of the device count "
+                        "(default: 256 per GPU/TPU device, 64 on CPU)")
+    p.add_argument("--parallel", choices=["sharded", "pmap"], default="sharded",
+                   help="sharded: jax.jit over a device Mesh (all hosts); pmap: jax.pmap over local devices "
+                        "(default: %(default)s)")
+    add_dtype_option(p, machine_default=True)
+    p.add_argument("--workers", type=non_negative_int, default=2,
+                   help="decode workers per host; 0 decodes inline (default: %(default)s)")
+    p.add_argument("--backend", choices=["thread", "process"], default="thread",
+                   help="decode worker kind: threads (PIL releases the GIL) or spawned processes (default: %(default)s)")
+    p.add_argument("--outputs", default="pooled",
+                   help="comma list of pooled (B, D), tokens (B, 1+N, D), logits (default: %(default)s)")
+    p.add_argument("--shard-size", type=positive_int, default=4096,
+                   help="listed inputs per unit of work and output file (a tar shard is one unit; "
+                        "files are also split to stay under 256 MB) (default: %(default)s)")
+    p.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the written arrays; float16 halves the files (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in the same folder: finished units are kept")
+    p.add_argument("--verify", action="store_true",
+                   help="with --resume: check the sha256 of every finished file, not just its size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    with distributed(args), graceful_stop() as (stop, received):
+        return report_errors(lambda a: _run(a, stop, received), args)
+
+
+def _run(args, stop, received) -> int:
+    import jax
+
+    from ..extract import extract
+    from ..parallel import inference_defaults
+    from ..sources import list_inputs
+    from ..storage import Folder
+
+    # what can be refused is refused before the model loads
+    Folder(args.output, args.storage_options).check_writable()
+    inputs = list_inputs(args.src, args.storage_options, args.path_column)
+    defaults = inference_defaults(args.dtype, args.batch_size)
+    if defaults.hint and jax.process_index() == 0:
+        print(defaults.hint, file=sys.stderr, flush=True)
+    model, variables = load_model(args, dtype=dtype_of(defaults.dtype))
+    if stop.is_set():
+        print("interrupted before extraction started; nothing was written", file=sys.stderr)
+        return 128 + received[0]
+    s = extract(inputs, args.output, model, variables, model_name=args.model,
+                batch_size=defaults.batch_size, parallel=args.parallel,
+                outputs=[o.strip() for o in args.outputs.split(",") if o.strip()],
+                workers=args.workers, backend=args.backend, resume=args.resume, verify=args.verify,
+                shard_size=args.shard_size, storage_dtype=args.storage_dtype,
+                storage_options=args.storage_options, path_column=args.path_column,
+                progress=not args.no_progress, stop=stop)
+    if s["interrupted"]:
+        if jax.process_index() == 0:
+            print(f"interrupted: {s['finished_units']} of {s['units']} units finished and kept in {args.output}; "
+                  f"run the same command with --resume to continue", file=sys.stderr)
+        return 128 + (received[0] if received else 2)
+    if jax.process_index() == 0:
+        print(f"{s['images']} images, {s['failed']} failed (see {args.output.rstrip('/')}/failed.jsonl), "
+              f"{s['images_per_sec']:.1f} img/s on {s['devices']} devices x {s['processes']} processes; "
+              f"{s['seconds']:.1f}s total: waiting for decode {s['decode_wait_s']:.1f}s, "
+              f"for the device {s['device_wait_s']:.1f}s, writing {s['write_s']:.1f}s; "
+              f"{s['skipped_units']}/{s['units']} units already done")
+        print(f"compute: {defaults.dtype_note()}, batch {s['batch_size']}; {attention_line(model)}")
+    return 0

@@ -1,0 +1,132 @@
+"""`beit-jax finetune --train DIR --output RUN`: layer-decay fine-tuning on an ImageFolder, on one
+device or every device of every host."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .options import (add_distributed_options, add_dtype_option, add_model_options, distributed, dtype_of,
+                      load_model, positive_int, report_errors)
+
+DEFAULT_BATCH = 32
+DEFAULT_DROP_PATH = 0.1
+
+
+def _train_config_flags(p) -> None:
+    """One flag per TrainConfig field, with its default and help: one source for both (values are
+    checked by TrainConfig itself). Flags left out stay None, so --recipe can tell them apart."""
+    from ..finetune import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        kind = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kw = dict(dest=f.name, default=None, type=kind[0], help=f"{f.metadata['help']} (default: {default})")
+        if isinstance(f.default, tuple):
+            kw.update(nargs=len(f.default), metavar=("MIN", "MAX"))
+        if f.metadata.get("choices"):
+            kw.update(choices=f.metadata["choices"])
+        p.add_argument(flag, **kw)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune on an ImageFolder (layer-decay AdamW, the BEiT recipe, multi-host)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a BEiT on ROOT/CLASS/IMAGE folders with AdamW + layer-wise lr decay, warmup +\n"
+                    "cosine, label smoothing and drop path; optionally RandAugment (--aa), random erasing\n"
+                    "(--reprob), mixup/cutmix (--mixup/--cutmix) and a weights EMA (--model-ema-decay), or all\n"
+                    "of BEiT's published settings for the model's size (--recipe beit).\n\n"
+                    "Writes OUTPUT/checkpoint.msgpack (resumable), OUTPUT/metrics.jsonl and, when done,\n"
+                    "OUTPUT/model.msgpack + model.json (for create_model(..., checkpoint_path=) and\n"
+                    "beit_jax.conversion.flax_to_timm).\n\n"
+                    "Multi-host: start the same command on every host with --distributed (or --coordinator,\n"
+                    "--num-processes, --process-id); --batch-size is the global batch, process 0 writes OUTPUT.")
+    p.add_argument("--train", required=True, help="training ImageFolder")
+    p.add_argument("--val", help="validation ImageFolder (top-1/top-5 reported)")
+    p.add_argument("--output", "-o", required=True, help="output folder (written by process 0)")
+    add_model_options(p, img_size=True)
+    add_dtype_option(p, "master params stay float32")
+    p.add_argument("--recipe", choices=["beit"], default=None,
+                   help="beit: unilm's published fine-tuning settings for the model (BEiT or BEiT v2, base or "
+                        "large): lr (given for batch 1024, scaled linearly to --batch-size), layer decay, drop "
+                        "path, epochs and warmup, weight decay 0.05, smoothing 0.1, --aa rand-m9-mstd0.5-inc1, "
+                        "--mixup 0.8, --cutmix 1.0, --reprob 0.25; any flag given explicitly wins")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"global batch over all devices of all hosts, a multiple of the device count "
+                        f"(default: {DEFAULT_BATCH}; --recipe beit: 1024)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help=f"stochastic depth rate (default: {DEFAULT_DROP_PATH}; --recipe beit: by model size)")
+    _train_config_flags(p)
+    p.add_argument("--workers", type=positive_int, default=2, help="decode threads per host (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="steps between validations (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
+    p.add_argument("--no-progress", action="store_true")
+    add_distributed_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    with distributed(args):
+        return report_errors(_run, args)
+
+
+def settings_from_args(args, num_train_images: int, model_name: str):
+    """(TrainConfig, global batch, drop path, recipe note or None): the recipe's values (if any),
+    then every flag given explicitly on top."""
+    from .. import finetune
+    from ..registry import build_model
+
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(finetune.TrainConfig)
+                if getattr(args, f.name) is not None}
+    batch, drop_path, note, kwargs = args.batch_size or DEFAULT_BATCH, DEFAULT_DROP_PATH, None, {}
+    if args.recipe:
+        module = build_model(model_name, img_size=args.img_size)  # no weights: only its family and width
+        kwargs, batch, drop_path, note = finetune.recipe_settings(args.recipe, module, num_train_images,
+                                                                  batch_size=args.batch_size,
+                                                                  steps=explicit.get("total_steps"))
+    kwargs.update(explicit)
+    if args.drop_path is not None:
+        drop_path = args.drop_path
+    return finetune.TrainConfig(**kwargs), batch, drop_path, note
+
+
+def _run(args) -> int:
+    import json
+
+    import jax
+
+    from .. import finetune
+    from ..data import list_image_folder
+
+    refs, _, classes = list_image_folder(args.train)
+    cfg, batch, drop_path, note = settings_from_args(args, len(refs), args.model)
+    main = jax.process_index() == 0
+    if note and main:
+        print(note + " (flags given explicitly override these)", flush=True)
+    import warnings
+
+    from ..factory import NewHeadWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # a new head is what fine-tuning starts from
+        warnings.simplefilter("always", NewHeadWarning)
+        model, variables = load_model(args, num_classes=len(classes), drop_path_rate=drop_path, dtype=dtype_of(args))
+    for w in caught:
+        if issubclass(w.category, NewHeadWarning):
+            print(f"note: a new {len(classes)}-class head for {args.train}'s classes (the checkpoint's head is "
+                  f"not used)", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out = finetune.train(model, variables, args.train, val_dir=args.val, output_dir=args.output,
+                         batch_size=batch, cfg=cfg, workers=args.workers,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume,
+                         max_steps=args.max_steps, eval_every=args.eval_every, progress=not args.no_progress)
+    if main:
+        print(json.dumps(out, default=float))
+    return 0

@@ -1,0 +1,170 @@
+"""Flags shared by several commands, and what they turn into (a model, a dtype, a cluster)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+DEFAULT_MODEL = "beit_base_patch16_224"
+
+
+def user_errors() -> tuple:
+    """Failures the user can act on: printed as one `error:` line, no traceback."""
+    from ..extract import AllInputsFailedError
+    from ..finetune import TrainingDivergedError
+    from ..hub import PretrainedUnavailableError
+    from ..mapping import CheckpointMismatchError
+    from ..sinks import CorruptOutputError, OutputMismatchError
+    from ..storage import OutputLockedError, StorageFullError
+
+    return (PretrainedUnavailableError, CheckpointMismatchError, OutputMismatchError, CorruptOutputError,
+            AllInputsFailedError, TrainingDivergedError, OutputLockedError, StorageFullError, ValueError, FileNotFoundError,
+            NotADirectoryError, PermissionError, ImportError)
+
+
+def report_errors(run, args) -> int:
+    """run(args), turning an error the user can act on into one `error:` line and exit code 2."""
+    try:
+        return int(run(args) or 0)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+    return value
+
+
+def json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"anon\": true}}' (got {text})")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser, *, num_classes: bool = False, img_size: bool = False) -> None:
+    """--model, --checkpoint, --random-weights (and optionally --num-classes / --img-size)."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="architecture or arch.tag, as in timm (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="local weights (.safetensors/.pth/.bin timm state dict or beit-jax .msgpack) "
+                        "instead of the Hugging Face Hub download")
+    p.add_argument("--random-weights", action="store_true",
+                   help="skip loading weights (random init): for smoke tests and benchmarks only")
+    if num_classes:
+        p.add_argument("--num-classes", type=non_negative_int, default=None,
+                       help="head size; 0 drops the head (default: the tag's, or the checkpoint's)")
+    if img_size:
+        p.add_argument("--img-size", type=positive_int, default=None,
+                       help="input resolution (position tables are resized; default: the tag's)")
+
+
+def add_dtype_option(p: argparse.ArgumentParser, what: str = "params, LayerNorm and softmax stay float32",
+                     machine_default: bool = False) -> None:
+    """--dtype; machine_default: left unset (None) it means parallel.inference_defaults' choice."""
+    default = "bfloat16 on GPU/TPU, float32 on CPU" if machine_default else "%(default)s"
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None if machine_default else "float32",
+                   help=f"compute dtype; {what} (default: {default})")
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="multi-host: coordinator address host:port (with --num-processes/--process-id)")
+    p.add_argument("--num-processes", type=positive_int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=non_negative_int, help="multi-host: this process's id")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
+    p.add_argument("--cpu-collectives", choices=["gloo", "mpi"], help="CPU multi-process collectives (testing)")
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """jax.distributed for the command's lifetime when asked for; left right after the command's
+    last barrier, not at interpreter exit. (Report errors inside it: leaving waits for the other
+    processes.)"""
+    from .. import parallel
+
+    on = bool(args.coordinator or args.distributed)
+    if on:
+        parallel.init_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
+    try:
+        yield
+    finally:
+        if on:
+            import jax
+            jax.distributed.shutdown()
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Ctrl-C / SIGTERM set an Event the work loop checks between batches (finished work is kept,
+    nothing is torn mid-write or mid-compile); a second signal ends the process at once.
+    Yields (event, received signal numbers)."""
+    import os
+    import signal
+    import threading
+
+    stop, received = threading.Event(), []
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            print(f"\n{name} again: stopped at once; finished work is kept (--resume continues)",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+        print(f"\n{name}: stopping after the current batch; finished work is kept (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def dtype_of(args_or_name):
+    """The jnp dtype of --dtype (or of a dtype name)."""
+    import jax.numpy as jnp
+    name = args_or_name if isinstance(args_or_name, str) else args_or_name.dtype
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def attention_line(model) -> str:
+    """'attention: xla' / 'attention: cudnn', with why not cuDNN where one could expect it
+    (an NVIDIA GPU, or attn_impl='cudnn' asked for)."""
+    from ..layers import backend_platform
+
+    impl, why = model.attention_impl()
+    shown = why and (model.attn_impl == "cudnn" or backend_platform() == "cuda")
+    return f"attention: {impl}" + (f" ({why})" if shown else "")
+
+
+def load_model(args, **kwargs):
+    """(module, variables) for --model with --random-weights, --checkpoint or the Hub download."""
+    from ..factory import create_model
+
+    for flag in ("num_classes", "img_size"):
+        if getattr(args, flag, None) is not None:
+            kwargs.setdefault(flag, getattr(args, flag))
+    if args.random_weights:
+        return create_model(args.model, **kwargs)
+    return create_model(args.model, pretrained=args.checkpoint is None, checkpoint_path=args.checkpoint, **kwargs)

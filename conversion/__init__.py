@@ -1,1 +1,0 @@
-"""Torch-side tools: timm <-> beit-jax checkpoint conversion and verification (needs torch + timm)."""
