@@ -2,35 +2,26 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from beit_jax import weights
-from conftest import ROOT, timm_model, timm_state_dict
-
-
-def run_cli(*args, env_extra=None, timeout=900):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "beit_jax.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from beit_jax import checkpoints
+from tests.support import TINY, run_cli, timm_model, timm_state_dict
 
 
 def test_classify_matches_timm_top5(tmp_path, imagenet_dir):
     from timm.data import create_transform, resolve_model_data_config
 
-    tm = timm_model("beit_base_patch16_224")
+    tm = timm_model(TINY)
     ckpt = tmp_path / "w.safetensors"
-    weights.save_safetensors(timm_state_dict(tm), ckpt)
+    checkpoints.save_safetensors(timm_state_dict(tm), ckpt)
     images = sorted(imagenet_dir.iterdir())[:3]
-    res = run_cli("classify", *images, "--checkpoint", ckpt, "--json", "--top-k", "5")
+    res = run_cli("classify", *images, "--model", TINY, "--checkpoint", ckpt, "--json", "--top-k", "5")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    tf = create_transform(**resolve_model_data_config(tm))
+    tf = create_transform(**dict(resolve_model_data_config(tm), input_size=(3, 64, 64)))  # the tiny model's size
     for path, entry in zip(images, out):
         with torch.no_grad():
             probs = tm(tf(Image.open(path).convert("RGB"))[None]).softmax(-1)[0].numpy()
@@ -54,7 +45,11 @@ def test_classify_without_hub_explains(tmp_path, odd_dir):
     assert "--checkpoint FILE" in res.stderr and "HF_HOME" in res.stderr
 
 
-def test_bench_reports_throughput():
-    res = run_cli("bench", "--batch-size", "2", "--seconds", "0.5")
+def test_bench_reports_throughput_and_what_ran():
+    res = run_cli("bench", "--model", TINY, "--batch-size", "2", "16", "--seconds", "0.3", "--attn-impl", "cudnn")
     assert res.returncode == 0, res.stderr
     assert "GFLOP/image" in res.stdout and "batch    2:" in res.stdout and "img/s" in res.stdout
+    assert "test_beit float32 on 1 x cpu" in res.stdout
+    assert "attention: xla (cuDNN attention needs an NVIDIA GPU" in res.stdout  # asked for, said why not
+    assert res.stderr.count("attn_impl='cudnn' cannot run here") == 1  # one warning, not one per layer
+    assert "whole batch" in res.stdout and "micro-batches of 8" in res.stdout  # batch 2 / batch 16

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tarfile
 import time
 
@@ -14,18 +12,12 @@ import numpy as np
 import pytest
 
 import beit_jax
+from beit_jax._io import TEMP_MARKER
 from beit_jax.extract import OutputMismatchError, extract, read_failures, read_features
-from conftest import ROOT
+from tests.support import TINY, cli_command, free_port, run_cli, run_helper, subprocess_env
 
-HELPER = ROOT / "tests" / "helpers" / "extract_parity.py"
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
-
-
-def _env(devices: int, **extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +33,13 @@ def mixed_list(tmp_path_factory, imagenet_dir, odd_dir):
 
 
 @pytest.mark.parametrize("devices,configs", [
-    (1, [dict(batch_size=8, parallel="sharded"), dict(batch_size=6, parallel="pmap", workers=0)]),
+    # batch 16 on one CPU device runs the model's micro-batches (2 x 8), batch 6 runs whole
+    (1, [dict(batch_size=16, parallel="sharded"), dict(batch_size=6, parallel="pmap", workers=0)]),
     (8, [dict(batch_size=16, parallel="sharded", backend="process"), dict(batch_size=8, parallel="pmap")]),
 ])
 def test_features_equal_model_apply_one_by_one(devices, configs, mixed_list, tmp_path):
     list_file, items = mixed_list
-    res = subprocess.run([sys.executable, str(HELPER), str(list_file), str(tmp_path), json.dumps(configs)],
-                         env=_env(devices), capture_output=True, text=True, timeout=900)
+    res = run_helper("extract_parity.py", list_file, tmp_path, json.dumps(configs), devices=devices)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["devices"] == devices
@@ -62,63 +54,68 @@ def test_features_equal_model_apply_one_by_one(devices, configs, mixed_list, tmp
         assert run["compiled"] == 1  # the padded last batch did not recompile
 
 
-def _extract_cmd(src, out, *extra):
-    return [sys.executable, "-m", "beit_jax.cli", "extract", str(src), "--output", str(out), "--random-weights",
-            "--no-progress", *map(str, extra)]
+def _units(out):
+    """Finished units' markers (a marker being written at the kill is a temp file, not a unit)."""
+    if not (out / "units").is_dir():
+        return []
+    return sorted(n for n in os.listdir(out / "units") if n.endswith(".json") and TEMP_MARKER not in n)
+
+
+def _extract_args(src, out, *extra):
+    return ["extract", src, "--output", out, "--model", TINY, "--random-weights", "--no-progress", *extra]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(imagenet_dir, tmp_path):
     src = tmp_path / "imgs.txt"
-    src.write_text("\n".join(str(p) for p in sorted(imagenet_dir.iterdir())[:40]) + "\n")
+    # the tiny model is fast: 160 images in 40 shards leave time to kill it mid-run
+    src.write_text("\n".join(str(p) for p in sorted(imagenet_dir.iterdir())[:160]) + "\n")
     args = ["--batch-size", "4", "--shard-size", "4", "--workers", "1"]
-    ref = subprocess.run(_extract_cmd(src, tmp_path / "ref", *args), env=_env(1), capture_output=True,
-                         text=True, timeout=900)
+    ref = run_cli(*_extract_args(src, tmp_path / "ref", *args), devices=1)
     assert ref.returncode == 0, ref.stderr
+    assert "compute: float32, batch 4; attention: xla" in ref.stdout  # what ran, in the summary
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(src, out, *args), env=_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli_command(*_extract_args(src, out, *args)), env=subprocess_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while time.time() < deadline:
-        done = [n for n in os.listdir(out)] if out.exists() else []
-        if sum(n.startswith("shard-") for n in done) >= 3:
+        if len(_units(out)) >= 3:
             break
         if proc.poll() is not None:
             pytest.fail("extract finished before it could be killed")
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    shards_at_kill = sorted(n for n in os.listdir(out) if n.startswith("shard-"))
-    assert 3 <= len(shards_at_kill) < 10
+    units_at_kill = _units(out)
+    assert 3 <= len(units_at_kill) < 40
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
 
-    again = subprocess.run(_extract_cmd(src, out, *args), env=_env(1), capture_output=True, text=True, timeout=600)
+    again = run_cli(*_extract_args(src, out, *args), devices=1)
     assert again.returncode == 2 and "pass --resume" in again.stderr  # no silent overwrite
-    resumed = subprocess.run(_extract_cmd(src, out, *args, "--resume"), env=_env(1), capture_output=True,
-                             text=True, timeout=900)
+    resumed = run_cli(*_extract_args(src, out, *args, "--resume"), devices=1)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(shards_at_kill)}/10 shards already done" in resumed.stdout
-    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert f"{len(units_at_kill)}/40 units already done" in resumed.stdout
+    assert not [p for p in out.rglob("*") if TEMP_MARKER in p.name]
 
     p_ref, f_ref = read_features(tmp_path / "ref")
     p_res, f_res = read_features(out)
-    assert p_res == p_ref and len(p_ref) == 40
+    assert p_res == p_ref and len(p_ref) == 160
     np.testing.assert_array_equal(f_res, f_ref)
 
 
 def test_refuses_to_mix_runs_in_one_folder(imagenet_dir, tmp_path):
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0)
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
     imgs = sorted(imagenet_dir.iterdir())[:3]
     src = [str(p) for p in imgs]
     extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False)
     with pytest.raises(OutputMismatchError, match="already holds a complete run"):
         extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False)
     summary = extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True)
-    assert summary["images"] == 0 and summary["skipped_shards"] == summary["shards"] == 1
+    assert summary["images"] == 0 and summary["skipped_units"] == summary["units"] == 1
     other = jax_tree_add(variables, 1e-3)
     with pytest.raises(OutputMismatchError, match="weights_sha256"):
         extract(src, str(tmp_path / "o"), model, other, batch_size=4, progress=False, resume=True)
-    with pytest.raises(OutputMismatchError, match="outputs: folder has \\['pooled'\\], this run \\['tokens'\\]"):
+    with pytest.raises(OutputMismatchError, match="outputs \\(--outputs\\): folder has \\['pooled'\\], this run \\['tokens'\\]"):
         extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True,
                 outputs=["tokens"])
 
@@ -134,27 +131,21 @@ def test_tar_shards_folder_and_list_agree(imagenet_dir, odd_dir, tmp_path):
     folder.mkdir(parents=True)
     for p in imgs:
         (folder / p.name).write_bytes(p.read_bytes())
-    (folder / "notes.txt").write_text("not an image")
     with tarfile.open(tmp_path / "shard-0.tar", "w") as tf:
         for p in sorted(folder.iterdir()):
             tf.add(p, arcname=p.name)
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0, rng=3)
+    (folder / "notes.txt").write_text("not an image")  # not an input of the folder source
+    model, variables = beit_jax.create_model(TINY, num_classes=0, rng=3)
     kw = dict(batch_size=4, progress=False, outputs=["pooled", "tokens"])
     extract(str(tmp_path / "folder"), str(tmp_path / "a"), model, variables, **kw)
     extract(str(tmp_path / "shard-*.tar"), str(tmp_path / "b"), model, variables, **kw)
     pa, fa = read_features(tmp_path / "a")
     pb, fb = read_features(tmp_path / "b")
-    assert [os.path.basename(p) for p in pa] == [os.path.basename(p) for p in pb]
+    assert [os.path.basename(p).split(".")[0] for p in pa] == [os.path.basename(p) for p in pb]  # webdataset keys
     assert len(pa) == 6 and pb[0].startswith(str(tmp_path / "shard-0.tar") + "/")
     np.testing.assert_array_equal(fa, fb)
-    assert read_features(tmp_path / "a", "tokens")[1].shape == (6, 197, 768)
-    assert [os.path.basename(f["path"]) for f in read_failures(tmp_path / "b")] == ["broken.png"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert read_features(tmp_path / "a", "tokens")[1].shape == (6, 17, 64)
+    assert [os.path.basename(f["path"]) for f in read_failures(tmp_path / "b")] == ["broken"]
 
 
 @pytest.mark.parametrize("parallel", ["sharded", "pmap"])
@@ -162,24 +153,24 @@ def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_
     """Two real processes on loopback (gloo CPU collectives, 4 devices each) vs one process."""
     list_file, items = mixed_list
     args = ["--batch-size", "8", "--shard-size", "8", "--parallel", parallel, "--outputs", "pooled,logits"]
-    single = subprocess.run(_extract_cmd(list_file, tmp_path / "single", *args), env=_env(8),
-                            capture_output=True, text=True, timeout=900)
+    single = run_cli(*_extract_args(list_file, tmp_path / "single", *args), devices=8)
     assert single.returncode == 0, single.stderr
 
-    port = _free_port()
+    port = free_port()
     logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
     procs = [subprocess.Popen(  # output to files: a full pipe must not stall one process of the pair
-        _extract_cmd(list_file, tmp_path / "multi", *args, "--coordinator", f"127.0.0.1:{port}",
-                     "--num-processes", "2", "--process-id", str(i), "--cpu-collectives", "gloo"),
-        env=_env(4, PYTHONUNBUFFERED="1"), stdout=logs[i][0], stderr=logs[i][1], text=True) for i in range(2)]
+        cli_command(*_extract_args(list_file, tmp_path / "multi", *args, "--coordinator", f"127.0.0.1:{port}",
+                                   "--num-processes", "2", "--process-id", i, "--cpu-collectives", "gloo")),
+        env=subprocess_env(4, PYTHONUNBUFFERED="1"), stdout=logs[i][0], stderr=logs[i][1], text=True)
+        for i in range(2)]
     for p in procs:
         p.wait(timeout=900)
     outs = [((tmp_path / f"p{i}.out").read_text(), (tmp_path / f"p{i}.err").read_text()) for i in range(2)]
     for p, (so, se) in zip(procs, outs):
         assert p.returncode == 0, se[-3000:]
     assert "8 devices x 2 processes" in outs[0][0]
-    shard_files = sorted(n for n in os.listdir(tmp_path / "multi") if n.startswith("shard-"))
-    assert any("-p000-of-002" in n for n in shard_files) and any("-p001-of-002" in n for n in shard_files)
+    writers = {json.loads((tmp_path / "multi" / "units" / n).read_text())["process"] for n in _units(tmp_path / "multi")}
+    assert writers == {0, 1}  # each process wrote its own units into the one output
 
     for output in ("pooled", "logits"):
         p1, f1 = read_features(tmp_path / "single", output)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import beit_jax
-from beit_jax import weights
-from conftest import max_abs, random_images, timm_model, timm_state_dict, to_nchw
+from tests.support import (TINY, max_abs, random_images, timm_and_flax, timm_attention_probs, timm_model,
+                           timm_state_dict, to_nchw)
 
 TOL = 1e-4  # max abs, float32; measured values are ~1e-6 (logits) to ~5e-6 (tokens)
 
@@ -28,22 +28,18 @@ def _jit_apply(model, method=None, **kw):
     return jax.jit(lambda v, x: model.apply(v, x, method=method, **kw))
 
 
-def _timm_and_flax(name, timm_kwargs=None, **flax_kwargs):
-    """(perturbed timm model, Flax model, Flax variables converted from the timm weights)."""
-    tm = timm_model(name, **(flax_kwargs if timm_kwargs is None else timm_kwargs))
-    model = beit_jax.build_model(name, **flax_kwargs)
-    return tm, model, beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
-
-
 @pytest.mark.parametrize("name", ARCHS)
 def test_logits_and_features_match_timm(name):
-    tm, model, variables = _timm_and_flax(name)
+    tm, model, variables = timm_and_flax(name)
     x = random_images(2, model.img_size)
     with torch.no_grad():
         ref_feats = tm.forward_features(to_nchw(x))
         ref_logits = tm.forward_head(ref_feats).numpy()
     feats = _jit_apply(model, "forward_features")(variables, x)
-    logits = _jit_apply(model)(variables, x)
+    # __call__ end to end for the base sizes; the large ones (the slowest CPU tests) take the head of
+    # the checked features instead of a second full forward: the same mapping, half the compute
+    logits = (_jit_apply(model, "forward_head")(variables, feats) if "large" in name
+              else _jit_apply(model)(variables, x))
     assert feats.shape == tuple(ref_feats.shape) == (2, model.num_patches + 1, model.embed_dim)
     assert logits.shape == (2, 1000)
     d_feat, d_logit = max_abs(feats, ref_feats.numpy()), max_abs(logits, ref_logits)
@@ -76,8 +72,8 @@ def test_pooling_and_num_classes_zero(global_pool):
         ref = tm(to_nchw(x)).numpy()
         ref_pre = tm.forward_head(tm.forward_features(to_nchw(x)), pre_logits=True).numpy()
     out = _jit_apply(model)(variables, x)
-    tokens = model.apply(variables, x, method="forward_features")
-    pre = model.apply(variables, tokens, pre_logits=True, method="forward_head")
+    tokens = _jit_apply(model, "forward_features")(variables, x)
+    pre = _jit_apply(model, "forward_head", pre_logits=True)(variables, tokens)
     expected_shape = (2, 768) if global_pool else (2, 197, 768)
     assert out.shape == expected_shape
     assert max_abs(out, ref) < TOL and max_abs(pre, ref_pre) < TOL
@@ -88,12 +84,12 @@ def test_pooling_and_num_classes_zero(global_pool):
 
 def test_pre_logits_of_classifier_model():
     name = "beitv2_base_patch16_224"
-    tm, model, variables = _timm_and_flax(name)
+    tm, model, variables = timm_and_flax(name)
     x = random_images(1, 224, seed=2)
     with torch.no_grad():
         ref = tm.forward_head(tm.forward_features(to_nchw(x)), pre_logits=True).numpy()
-    tokens = model.apply(variables, x, method="forward_features")
-    pre = model.apply(variables, tokens, pre_logits=True, method="forward_head")
+    tokens = _jit_apply(model, "forward_features")(variables, x)
+    pre = _jit_apply(model, "forward_head", pre_logits=True)(variables, tokens)
     assert pre.shape == (1, 768) and max_abs(pre, ref) < TOL
 
 
@@ -104,7 +100,7 @@ def test_pre_logits_of_classifier_model():
 ])
 def test_forward_intermediates(indices, norm, fmt, prefix):
     name = "beit_base_patch16_224"
-    tm, model, variables = _timm_and_flax(name, global_pool="token")  # token pooling: `norm` is a real LayerNorm
+    tm, model, variables = timm_and_flax(name, global_pool="token")  # token pooling: `norm` is a real LayerNorm
     x = random_images(2, 224, seed=3)
     timm_fmt = "NCHW" if fmt == "NHWC" else "NLC"
     with torch.no_grad():
@@ -136,7 +132,7 @@ def test_224_weights_at_384_match_timm_filter(tmp_path):
     name = "beit_base_patch16_224"
     sd = timm_state_dict(timm_model(name))
     path = tmp_path / "w224.safetensors"
-    weights.save_safetensors(sd, path)
+    beit_jax.save_safetensors(sd, path)
     tm384 = timm.create_model(name, img_size=384).eval()
     tm384.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, tm384))
     model, variables = beit_jax.create_model(name, img_size=384, checkpoint_path=str(path))
@@ -240,51 +236,68 @@ def test_bfloat16_close_to_float32(imagenet_dir):
     assert agree >= 0.75
 
 
-@pytest.mark.parametrize("attn_impl", ["dot_product_attention"])
-def test_fused_attention_path_matches_timm(attn_impl):
-    """jax.nn.dot_product_attention (cuDNN on GPU; XLA here) is as timm-exact as the default path."""
+def test_jax_nn_attention_path_matches_timm():
+    """attn_impl='dot_product_attention' (jax.nn.dot_product_attention, XLA kernel: the code the
+    'cudnn' path runs, with the kernel CPU has) is as timm-exact as the default path."""
     name = "beit_base_patch16_224"
-    tm, model, variables = _timm_and_flax(name, timm_kwargs={}, attn_impl=attn_impl)
+    tm, model, variables = timm_and_flax(name, timm_kwargs={}, attn_impl="dot_product_attention")
     x = random_images(2, 224, seed=11)
     with torch.no_grad():
         ref = tm(to_nchw(x)).numpy()
     assert max_abs(_jit_apply(model)(variables, x), ref) < TOL
 
 
-def test_chunked_forward_equals_whole_batch():
-    from beit_jax.model import chunked
+def test_plain_jit_apply_micro_batches_on_cpu_and_matches_timm():
+    """README's `jax.jit(model.apply)` takes the micro-batched path by itself on one CPU device
+    (a scan over chunks of 8 in the program), and stays timm-exact."""
+    tm, model, variables = timm_and_flax(TINY)
+    x = random_images(16, model.img_size, seed=12)
+    assert model.micro_batch == "auto" and model.micro_batch_rows(16) == 8
+    assert "scan" in str(jax.make_jaxpr(model.apply)(variables, x))
+    assert "scan" not in str(jax.make_jaxpr(model.clone(micro_batch=None).apply)(variables, x))
+    with torch.no_grad():
+        ref = tm(to_nchw(x)).numpy()
+    assert max_abs(jax.jit(model.apply)(variables, x), ref) < TOL
 
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0)
-    x = random_images(8, 224, seed=12)
-    whole = jax.jit(model.apply)(variables, x)
-    parts = jax.jit(chunked(model.apply, 4))(variables, x)
-    odd = jax.jit(chunked(model.apply, 3))(variables, x)  # 8 % 3 != 0: runs whole
-    assert parts.shape == whole.shape == (8, 768)
-    assert max_abs(parts, whole) < 1e-5 and max_abs(odd, whole) < 1e-5
+
+def test_micro_batches_equal_whole_batch_forward_and_gradients():
+    model, variables = beit_jax.create_model(TINY)
+    whole = model.clone(micro_batch=None)
+    x = random_images(24, model.img_size, seed=13)  # auto: 3 chunks of 8
+    for method, kw in [(None, {}), ("attention_maps", {}),
+                       ("forward_intermediates", dict(indices=[0, 1], return_prefix_tokens=True))]:
+        got = jax.jit(lambda v, x: model.apply(v, x, method=method, **kw))(variables, x)
+        ref = jax.jit(lambda v, x: whole.apply(v, x, method=method, **kw))(variables, x)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+            assert a.shape == b.shape and a.shape[0] == 24 and max_abs(a, b) < 1e-5, method
+    assert [model.clone(micro_batch=mb).micro_batch_rows(n) for mb, n in [(5, 24), (6, 24), (8, 8), ("auto", 20),
+                                                                           ("auto", 9), ("auto", 1)]] \
+        == [None, 6, None, 5, None, None]  # a chunk size must divide a larger batch; auto: 4 to 8 rows
+    assert model.micro_batch_rows(24, deterministic=False) is None  # auto leaves training batches whole
+
+    def grads(m):
+        return jax.jit(jax.grad(lambda v: jnp.mean(m.apply(v, x) ** 2)))(variables)
+
+    g_chunked, g_whole = grads(model), grads(whole)
+    for path, a in jax.tree_util.tree_flatten_with_path(g_chunked)[0]:
+        b = dict(jax.tree_util.tree_flatten_with_path(g_whole)[0])[path]
+        scale = float(np.abs(np.asarray(b)).max()) or 1.0
+        assert max_abs(a, b) <= 1e-5 * scale, path
 
 
 def test_attention_maps_match_timm():
     """Attention probabilities of a block equal what timm's (non-fused) attention computes."""
     name = "beit_base_patch16_224"
-    tm, model, variables = _timm_and_flax(name)
+    tm, model, variables = timm_and_flax(name)
     x = random_images(1, 224, seed=13)
-    captured = {}
-    blk = tm.blocks[5].attn
-    hook = blk.attn_drop.register_forward_hook(lambda mod, inp, out: captured.setdefault("attn", inp[0].detach()))
-    blk.fused_attn = False
-    try:
-        with torch.no_grad():
-            tm(to_nchw(x))
-    finally:
-        blk.fused_attn = True
-        hook.remove()
     maps = model.apply(variables, x, block=5, method="attention_maps")
     assert maps.shape == (1, 12, 197, 197)
-    assert max_abs(maps, captured["attn"].numpy()) < 1e-5
+    assert max_abs(maps, timm_attention_probs(tm, 5, x)) < 1e-5
 
 
 def test_cast_for_inference_is_exact():
-    from beit_jax.model import cast_for_inference
+    from beit_jax.layers import cast_for_inference
 
     model, variables = beit_jax.create_model("beit_base_patch16_224", dtype=jnp.bfloat16)
     cast = cast_for_inference(model, variables)
@@ -301,3 +314,35 @@ def test_flop_count_matches_timm_published_macs():
     """timm lists 17.6 GMACs (base) and 61.6 GMACs (large) at 224: GFLOP = 2 x MACs."""
     assert beit_jax.build_model("beit_base_patch16_224").gflop_per_image == pytest.approx(2 * 17.6, rel=0.01)
     assert beit_jax.build_model("beit_large_patch16_224").gflop_per_image == pytest.approx(2 * 61.6, rel=0.01)
+
+
+def test_library_initialiser_and_drop_path_equal_the_hand_written_ones():
+    """layers.trunc_normal (jax.nn.initializers) and drop_path (nn.Dropout with broadcast dims)
+    replaced hand-written versions: same numbers for the same key, and timm's per-sample rule."""
+    import flax.linen as nn
+
+    from beit_jax.layers import drop_path, trunc_normal
+
+    key = jax.random.PRNGKey(3)
+    std, scale = 0.02, 0.001
+    hand = jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, (768, 1000)) * (std * scale)
+    np.testing.assert_array_equal(trunc_normal(std, scale)(key, (768, 1000)), hand)
+
+    class HandDropPath(nn.Module):  # the replaced module, for reference
+        rate: float
+
+        @nn.compact
+        def __call__(self, x):
+            keep = 1.0 - self.rate
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+            return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+    x = jnp.asarray(random_images(64, 4)[..., 0].reshape(64, 4, 4) + 3.0)
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    ours = drop_path(0.4).apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(ours, HandDropPath(0.4).apply({}, x, rngs=rngs))  # same rng, same mask
+    per_sample = np.asarray(ours).reshape(64, -1)
+    kept = np.all(per_sample != 0, axis=1)
+    assert np.all(kept | np.all(per_sample == 0, axis=1))  # whole samples dropped, never parts
+    np.testing.assert_allclose(per_sample[kept], (np.asarray(x).reshape(64, -1) / 0.6)[kept], rtol=1e-6)
+    assert 0.25 < 1 - kept.mean() < 0.55

@@ -2,36 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import beit_jax
-from beit_jax import weights
-from conftest import ROOT, max_abs, random_images, timm_model, timm_state_dict, to_nchw
+from beit_jax import checkpoints
+from tests.support import (assert_round_trip_is_identity, max_abs, random_images, subprocess_env, timm_model,
+                           timm_state_dict, to_nchw)
 
 
 def test_round_trip_is_identity_and_timm_loads_it():
-    name = "beit_base_patch16_224"
-    tm = timm_model(name)
-    sd = timm_state_dict(tm)
-    model = beit_jax.build_model(name)
-    back = beit_jax.to_timm_state_dict(beit_jax.convert_timm_state_dict(sd, model), model)
-    assert list(back) == [k for k in tm.state_dict()]  # timm's own key order
-    for k, v in sd.items():
-        assert back[k].shape == v.shape and back[k].dtype == v.dtype
-        np.testing.assert_array_equal(back[k], v, err_msg=k)
-    import timm
-    fresh = timm.create_model(name).eval()
-    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
-    x = to_nchw(random_images(1, 224))
-    with torch.no_grad():
-        assert max_abs(fresh(x).numpy(), tm(x).numpy()) == 0.0
+    assert_round_trip_is_identity("beit_base_patch16_224")
 
 
 def test_large_checkpoint_into_base_is_refused_with_details():
@@ -77,7 +64,7 @@ def test_checkpoint_files_pth_nesting_and_new_head(tmp_path):
 
 def test_bad_files_name_the_file(tmp_path):
     good = tmp_path / "good.safetensors"
-    weights.save_safetensors(timm_state_dict(timm_model("beit_base_patch16_224")), good)
+    checkpoints.save_safetensors(timm_state_dict(timm_model("beit_base_patch16_224")), good)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: 10_000])
     with pytest.raises(ValueError, match="truncated.safetensors"):
@@ -85,7 +72,7 @@ def test_bad_files_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         beit_jax.create_model("beit_base_patch16_224", checkpoint_path=str(tmp_path / "nope.safetensors"))
     with pytest.raises(ValueError, match="unsupported checkpoint type '.npz'"):
-        weights.load_state_dict_file(_touch(tmp_path / "w.npz"))
+        checkpoints.load_state_dict_file(_touch(tmp_path / "w.npz"))
 
 
 def _touch(p: Path) -> Path:
@@ -103,21 +90,38 @@ def test_flax_msgpack_export_loads_back(tmp_path):
     assert max_abs(model.apply(variables, x), model2.apply(v2, x)) == 0.0
 
 
+def test_flax_export_is_read_in_flax_names_and_resized_like_timm_weights(tmp_path):
+    """A .msgpack export is fitted in its own (Flax) names: another img_size resizes its tables
+    exactly as the timm-key path does, and a foreign entry is named as stored."""
+    model, variables = beit_jax.create_model("test_beit", num_classes=5, rng=2)
+    variables = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.01, variables)  # non-zero tables
+    mp, _ = beit_jax.save_flax_checkpoint(variables, model, tmp_path / "tiny")
+    big, from_flax = beit_jax.create_model("test_beit", img_size=96, checkpoint_path=mp)
+    from_timm = beit_jax.convert_timm_state_dict(beit_jax.to_timm_state_dict(variables, model), big)
+    for a, b in zip(jax.tree_util.tree_leaves(from_flax), jax.tree_util.tree_leaves(from_timm)):
+        np.testing.assert_array_equal(a, b)
+    assert from_flax["params"]["blocks_0"]["attn"]["relative_position_bias_table"].shape == (11 * 11 + 3, 2)
+
+    extra = dict(variables["params"], blocks_0=dict(variables["params"]["blocks_0"], foo=np.zeros(3)))
+    beit_jax.save_flax_checkpoint({"params": extra}, model, tmp_path / "extra")
+    with pytest.raises(beit_jax.CheckpointMismatchError, match=r"unexpected keys \(1\):\n    blocks_0/foo"):
+        beit_jax.create_model("test_beit", checkpoint_path=str(tmp_path / "extra.msgpack"))
+
+
 def _build_hf_cache(cache: Path, repo_id: str, sd: dict) -> None:
     """The layout huggingface_hub's cache uses: blobs, a snapshot per commit, refs/main."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     snap = repo_dir / "snapshots" / commit
     snap.mkdir(parents=True)
-    weights.save_safetensors(sd, snap / "model.safetensors")
+    checkpoints.save_safetensors(sd, snap / "model.safetensors")
     (snap / "config.json").write_text(json.dumps({"architecture": repo_id.split("/")[1].split(".")[0]}))
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(commit)
 
 
 def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"),
-               PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -154,7 +158,7 @@ def test_pretrained_unreachable_says_what_to_do(tmp_path):
 def test_import_does_not_import_torch():
     res = subprocess.run([sys.executable, "-c", "import sys, beit_jax, beit_jax.cli; "
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))"],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         capture_output=True, text=True, env=subprocess_env())
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
@@ -163,17 +167,19 @@ def test_registry_matches_timm():
     import timm
 
     ours = set(beit_jax.list_models("beit*", pretrained=True))
-    theirs = {n for n in timm.list_models("beit*", pretrained=True) if not n.startswith("beit3")}
-    assert ours == theirs
-    assert set(beit_jax.list_models("beit*")) == {n for n in timm.list_models("beit*") if not n.startswith("beit3")}
-    for name in sorted(ours) + beit_jax.list_models():
+    theirs = set(timm.list_models("beit*", pretrained=True))  # BEiT v1, v2 and BEiT-3
+    assert ours == theirs and any(n.startswith("beit3") for n in ours)
+    assert set(beit_jax.list_models("beit*")) == set(timm.list_models("beit*"))
+    untrained = [n for n in beit_jax.list_models("beit*") if not beit_jax.get_pretrained_cfg(n).has_weights]
+    assert untrained == ["beit3_giant_patch14_224", "beit3_giant_patch14_336"]
+    for name in sorted(ours) + beit_jax.list_models("beit*"):
         tcfg = timm.models.get_pretrained_cfg(name) if "." in name else \
-            timm.create_model(name, pretrained=False).pretrained_cfg
+            timm.create_model(name, pretrained=False, depth=1).pretrained_cfg
         cfg = beit_jax.get_pretrained_cfg(name)
         if "." not in name:
             assert cfg.tag == tcfg["tag"], f"default tag of {name}"
         tcfg = tcfg if isinstance(tcfg, dict) else tcfg.to_dict()
-        assert cfg.hf_hub_id == tcfg["hf_hub_id"]
+        assert cfg.hf_hub_id == tcfg.get("hf_hub_id")  # None: timm lists no weights (giant)
         assert cfg.num_classes == tcfg["num_classes"]
         assert tuple(cfg.input_size) == tuple(tcfg["input_size"])
         assert cfg.crop_pct == tcfg["crop_pct"] and cfg.interpolation == tcfg["interpolation"]

@@ -15,7 +15,7 @@ from beit_jax.transforms import ImageLoadError, load_image
 
 def main():
     list_file, workdir, configs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    model, variables = beit_jax.create_model("beit_base_patch16_224", rng=7)
+    model, variables = beit_jax.create_model("test_beit", rng=7)
     transform = beit_jax.create_transform(**beit_jax.resolve_data_config(model))
     fwd = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method="forward_features"), pre_logits=True,
                                            method="forward_head"))

@@ -1,0 +1,196 @@
+"""What the tests share: the real reference (perturbed timm models), real images from ../shared,
+and subprocesses started the way a user starts them (the installed `beit-jax` command)."""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
+ODD_IMAGES = SHARED / "data" / "odd-images"
+HELPERS = ROOT / "tests" / "helpers"
+TINY = "test_beit"  # 64x64, 2 blocks, width 64: for everything but full-size numerics
+
+
+def shared_dir(path: Path) -> Path:
+    """The shared data folder, or skip (fail under CI=true, where it must be present)."""
+    if not path.is_dir():
+        msg = f"{path} not found: the shared test images live beside the checkout (../shared)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " and CI=true requires them")
+        pytest.skip(msg)
+    return path
+
+
+# ---- subprocesses ---------------------------------------------------------------------------
+def subprocess_env(devices: Optional[int] = None, **extra) -> dict:
+    """The caller's environment (a user's shell), plus a CPU device count when a test needs one."""
+    env = dict(os.environ, **extra)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def cli_command(*args) -> list:
+    """`beit-jax ARGS` as installed by `pip install -e .` beside this interpreter."""
+    exe = shutil.which("beit-jax", path=str(Path(sys.executable).parent))
+    prefix = [exe] if exe else [sys.executable, "-m", "beit_jax.cli"]
+    return prefix + [str(a) for a in args]
+
+
+def run_cli(*args, devices: Optional[int] = None, env_extra=None, timeout=900, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), env=subprocess_env(devices, **(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def run_module(module: str, *args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_helper(script: str, *args, devices: Optional[int] = None, timeout=900, **env) -> subprocess.CompletedProcess:
+    """A script of tests/helpers/ in a fresh interpreter (its own device count)."""
+    return subprocess.run([sys.executable, str(HELPERS / script), *map(str, args)],
+                          env=subprocess_env(devices, **env), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+# ---- the reference --------------------------------------------------------------------------
+def perturb_(model, seed: int = 0):
+    """Make a random-init timm model's weights non-trivial: no zero biases, no unit norms.
+
+    timm inits biases, q/v biases and relative position tables to zero and norm weights to one,
+    which would hide a swapped or dropped mapping. Position tables get a large perturbation so a
+    wrong index or resize shows in the logits.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if "relative_position_bias_table" in name else 0.02
+            if name.endswith(("q_bias", "v_bias")):
+                scale = 0.1
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _timm_model_cached(name: str, kwargs_items: tuple, seed: int):
+    import timm
+
+    from beit_jax.registry import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(name)
+    timm_name, kwargs = (arch.timm_name, dict(arch.timm_kwargs)) if arch else (name, {})
+    model = timm.create_model(timm_name, pretrained=False, **dict(kwargs, **dict(kwargs_items))).eval()
+    return perturb_(model, seed)
+
+
+def timm_model(name: str, seed: int = 0, **kwargs):
+    """A perturbed random-init timm model for a beit-jax architecture (cached: treat as read-only)."""
+    return _timm_model_cached(name, tuple(sorted(kwargs.items())), seed)
+
+
+def timm_state_dict(model) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def timm_and_flax(name, timm_kwargs=None, **flax_kwargs):
+    """(perturbed timm model, Flax model, Flax variables converted from the timm weights)."""
+    import beit_jax
+
+    tm = timm_model(name, **(flax_kwargs if timm_kwargs is None else timm_kwargs))
+    model = beit_jax.build_model(name, **flax_kwargs)
+    return tm, model, beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+
+
+def timm_attention_probs(tm, block: int, x: np.ndarray) -> np.ndarray:
+    """(B, heads, N, N) softmax attention of timm block `block` on NHWC x: its non-fused path's
+    probabilities, captured at the attention dropout's input."""
+    import torch
+
+    captured = {}
+    attn = tm.blocks[block].attn
+    hook = attn.attn_drop.register_forward_hook(lambda mod, inp, out: captured.setdefault("attn", inp[0].detach()))
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            tm(to_nchw(x))
+    finally:
+        attn.fused_attn = True
+        hook.remove()
+    return captured["attn"].numpy()
+
+
+def assert_round_trip_is_identity(name: str) -> None:
+    """timm -> Flax -> timm gives the perturbed timm weights back bit for bit, in timm's key order and
+    dtypes, and a fresh timm model loads them strictly and computes the same output."""
+    import timm
+    import torch
+
+    import beit_jax
+
+    tm = timm_model(name)
+    sd = timm_state_dict(tm)
+    model = beit_jax.build_model(name)
+    back = beit_jax.to_timm_state_dict(beit_jax.convert_timm_state_dict(sd, model), model)
+    assert list(back) == list(tm.state_dict())  # timm's own key order
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    fresh = timm.create_model(name).eval()  # a timm name (the BEiT and BEiT-3 tags are)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    x = to_nchw(random_images(1, 224))
+    with torch.no_grad():
+        assert max_abs(fresh(x).numpy(), tm(x).numpy()) == 0.0
+
+
+def to_nchw(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def digits_folder(root, n_per_class=None, size=64, offset=0):
+    """scikit-learn's bundled 8x8 digits as an ImageFolder of upscaled RGB PNGs."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.arange(len(d.target))[offset::2]  # even / odd split: train / val
+    counts = {}
+    for i in idx:
+        label = int(d.target[i])
+        if n_per_class and counts.get(label, 0) >= n_per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        img = Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8)).resize((size, size), Image.NEAREST)
+        out = root / f"digit_{label}"
+        out.mkdir(parents=True, exist_ok=True)
+        img.convert("RGB").save(out / f"{i:04d}.png")
+    return root
