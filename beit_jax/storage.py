@@ -124,31 +124,29 @@ class Folder:
             raise
 
     def check_writable(self) -> None:
-        """Refuse, before any work, an output that is a file or cannot be written."""
+        """Refuse, before any work, an output that is a file or cannot be written.
+
+        Probes with a file of this process's own (removed at once) in the output folder, or in its
+        nearest existing parent while the folder is still to be made (the run makes it when it
+        writes). No folder is made or removed here: the hosts of one run probe the same path at the
+        same moment, and one removing a folder it had just made broke another's probe.
+        """
         if not self.local:
             return  # a bucket shows it when the writer lock is taken
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise NotADirectoryError(f"--output {self.root} is a file, not a folder: choose a folder")
-        created = []  # folders this probe made, removed again: the run makes them when it writes
         head = os.path.abspath(self.root)
         while not os.path.exists(head):
-            created.append(head)
             head = os.path.dirname(head)
+        if not os.path.isdir(head):
+            what = "" if head == os.path.abspath(self.root) else f" is inside {head}, which"
+            raise NotADirectoryError(f"--output {self.root}{what} is a file, not a folder: choose a folder")
+        probe = temp_name(os.path.join(head, "write-probe"))
         try:
-            os.makedirs(self.root, exist_ok=True)
-            probe = temp_name(os.path.join(self.root, "write-probe"))
             with open(probe, "wb") as f:
                 f.write(b"")
             os.remove(probe)
         except OSError as e:
             raise PermissionError(f"cannot write to --output {self.root} ({e.strerror or e}): choose a "
                                   f"folder you can write to") from e
-        finally:
-            for d in created:  # deepest first; only the empty folders made just now
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
 
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._fresh(self.path(rel)))
