@@ -70,6 +70,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_process_pair(args_of, log_dir: Path, tag: str, env_extra=None, timeout=900) -> list:
+    """`beit-jax *args_of(i), --coordinator ...` as 2 real processes on loopback (jax.distributed,
+    gloo CPU collectives, 4 devices each), as two hosts of a pod run it. Both must exit 0; a failure
+    shows both processes' stderr (one stalls when the other dies). Returns [(stdout, stderr)] * 2."""
+    port = free_port()
+    logs = [(log_dir / f"{tag}{i}.out", log_dir / f"{tag}{i}.err") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with open(out, "w") as so, open(err, "w") as se:  # files: a full pipe must not stall one of the pair
+            procs.append(subprocess.Popen(
+                cli_command(*args_of(i), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                            "--process-id", i, "--cpu-collectives", "gloo"),
+                env=subprocess_env(4, PYTHONUNBUFFERED="1", **(env_extra or {})), stdout=so, stderr=se, text=True))
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = [(out.read_text(), err.read_text()) for out, err in logs]
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError("\n".join(f"process {i} exited {p.returncode}; its stderr ends:\n{err[-3000:]}"
+                                        for i, (p, (_, err)) in enumerate(zip(procs, outs))))
+    return outs
+
 
 # ---- the reference --------------------------------------------------------------------------
 def perturb_(model, seed: int = 0):

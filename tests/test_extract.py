@@ -14,7 +14,7 @@ import pytest
 import beit_jax
 from beit_jax._io import TEMP_MARKER
 from beit_jax.extract import OutputMismatchError, extract, read_failures, read_features
-from tests.support import TINY, cli_command, free_port, run_cli, run_helper, subprocess_env
+from tests.support import TINY, cli_command, run_cli, run_helper, run_process_pair, subprocess_env
 
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
@@ -156,18 +156,7 @@ def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_
     single = run_cli(*_extract_args(list_file, tmp_path / "single", *args), devices=8)
     assert single.returncode == 0, single.stderr
 
-    port = free_port()
-    logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
-    procs = [subprocess.Popen(  # output to files: a full pipe must not stall one process of the pair
-        cli_command(*_extract_args(list_file, tmp_path / "multi", *args, "--coordinator", f"127.0.0.1:{port}",
-                                   "--num-processes", "2", "--process-id", i, "--cpu-collectives", "gloo")),
-        env=subprocess_env(4, PYTHONUNBUFFERED="1"), stdout=logs[i][0], stderr=logs[i][1], text=True)
-        for i in range(2)]
-    for p in procs:
-        p.wait(timeout=900)
-    outs = [((tmp_path / f"p{i}.out").read_text(), (tmp_path / f"p{i}.err").read_text()) for i in range(2)]
-    for p, (so, se) in zip(procs, outs):
-        assert p.returncode == 0, se[-3000:]
+    outs = run_process_pair(lambda i: _extract_args(list_file, tmp_path / "multi", *args), tmp_path, "p")
     assert "8 devices x 2 processes" in outs[0][0]
     writers = {json.loads((tmp_path / "multi" / "units" / n).read_text())["process"] for n in _units(tmp_path / "multi")}
     assert writers == {0, 1}  # each process wrote its own units into the one output

@@ -21,7 +21,7 @@ import pytest
 
 import beit_jax
 from beit_jax.extract import extract, read_failures, read_features
-from tests.support import TINY, cli_command, free_port, run_cli, subprocess_env
+from tests.support import TINY, cli_command, free_port, run_cli, run_process_pair, subprocess_env
 
 BROKEN = ["broken.png", "truncated_end_chunk.png"]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -252,19 +252,8 @@ def test_two_processes_write_one_s3_output(bucket, s3_env):
     single = run_cli("extract", *args, "--output", "s3://field/out/single", "--model", TINY, "--random-weights",
                      "--no-progress", devices=8, env_extra=s3_env)
     assert single.returncode == 0, single.stderr
-    port = free_port()
-    work = bucket["work"]
-    logs = [(open(work / f"mh{i}.out", "w+"), open(work / f"mh{i}.err", "w+")) for i in range(2)]
-    procs = [subprocess.Popen(
-        cli_command("extract", *args, "--output", "s3://field/out/multi", "--model", TINY, "--random-weights",
-                    "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                    "--process-id", i, "--cpu-collectives", "gloo"),
-        env=subprocess_env(4, PYTHONUNBUFFERED="1", **s3_env), stdout=logs[i][0], stderr=logs[i][1], text=True)
-        for i in range(2)]
-    for p in procs:
-        p.wait(timeout=900)
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, (work / f"mh{i}.err").read_text()[-3000:]
+    run_process_pair(lambda i: ["extract", *args, "--output", "s3://field/out/multi", "--model", TINY,
+                                "--random-weights", "--no-progress"], bucket["work"], "mh", env_extra=s3_env)
     fs = bucket["fs"]
     fs.invalidate_cache()
     writers = {json.loads(fs.cat_file(f))["process"] for f in fs.glob("field/out/multi/units/*.json")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ from beit_jax import finetune
 from beit_jax.checkpoints import load_flax_checkpoint
 from beit_jax.mapping import flax_path_to_timm_key
 from flax import traverse_util
-from tests.support import TINY, cli_command, digits_folder, free_port, run_cli, run_helper, subprocess_env
+from tests.support import TINY, digits_folder, run_cli, run_helper, run_process_pair
 
 RECIPE_FLAGS = ["--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
                 "--model-ema-decay", "0.9"]
@@ -154,23 +153,6 @@ def test_train_augmentation_is_seeded_and_random(imagenet_dir):
     assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
 
 
-def _two_processes(args_of, tmp_path, tag):
-    """`beit-jax finetune` as 2 real processes on loopback (gloo CPU collectives, 4 devices each)."""
-    port = free_port()
-    logs = [(open(tmp_path / f"{tag}{i}.out", "w+"), open(tmp_path / f"{tag}{i}.err", "w+")) for i in range(2)]
-    procs = [subprocess.Popen(  # output to files: a full pipe must not stall one process of the pair
-        cli_command("finetune", *args_of(i), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                    "--process-id", i, "--cpu-collectives", "gloo"),
-        env=subprocess_env(4, PYTHONUNBUFFERED="1"), stdout=logs[i][0], stderr=logs[i][1], text=True)
-        for i in range(2)]
-    for p in procs:
-        p.wait(timeout=900)
-    outs = [((tmp_path / f"{tag}{i}.out").read_text(), (tmp_path / f"{tag}{i}.err").read_text()) for i in range(2)]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return outs
-
-
 def test_two_processes_train_and_evaluate_like_one(digits, tmp_path):
     """1 process x 8 devices vs 2 processes x 4 devices: same global batches, same augmentation,
     same parameters, same exact eval counts; the pair is stopped and resumed, and process 1 has an
@@ -183,10 +165,10 @@ def test_two_processes_train_and_evaluate_like_one(digits, tmp_path):
     assert single.returncode == 0, single.stderr
 
     def args_of(extra):
-        return lambda i: [*common, "--output", tmp_path / ("multi" if i == 0 else "p1-own-folder"), *extra]
+        return lambda i: ["finetune", *common, "--output", tmp_path / ("multi" if i == 0 else "p1-own-folder"), *extra]
 
-    _two_processes(args_of(["--max-steps", "2"]), tmp_path, "first")
-    outs = _two_processes(args_of(["--resume"]), tmp_path, "resumed")
+    run_process_pair(args_of(["--max-steps", "2"]), tmp_path, "first")
+    outs = run_process_pair(args_of(["--resume"]), tmp_path, "resumed")
     assert "resumed from" in outs[0][0] + outs[0][1]
     assert not (tmp_path / "p1-own-folder").exists() or not os.listdir(tmp_path / "p1-own-folder")
 
