@@ -98,6 +98,19 @@ def run_process_pair(args_of, log_dir: Path, tag: str, env_extra=None, timeout=9
     return outs
 
 
+def probe_new_outputs(base: str, rounds: int, barrier, errors) -> None:
+    """One host of a pod run probing --output: round i probes BASE/i/out, released at the same
+    moment as the other host by `barrier` (a spawned process's target, hence here)."""
+    from beit_jax.storage import Folder
+
+    for i in range(rounds):
+        barrier.wait()
+        try:
+            Folder(os.path.join(base, str(i), "out")).check_writable()
+        except OSError as e:
+            errors.put(f"round {i}: {e}")
+
+
 # ---- the reference --------------------------------------------------------------------------
 def perturb_(model, seed: int = 0):
     """Make a random-init timm model's weights non-trivial: no zero biases, no unit norms.

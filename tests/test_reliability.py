@@ -21,8 +21,8 @@ from beit_jax import checkpoints
 from beit_jax.extract import extract, read_failures, read_features
 from beit_jax.factory import NewHeadWarning
 from beit_jax.sinks import CorruptOutputError
-from tests.support import (TINY, cli_command, digits_folder, max_abs, random_images, run_cli, subprocess_env, timm_model,
-                           timm_state_dict, to_nchw)
+from tests.support import (TINY, cli_command, digits_folder, max_abs, probe_new_outputs, random_images, run_cli,
+                           subprocess_env, timm_model, timm_state_dict, to_nchw)
 
 
 def _extract_cli(*args, **kw):
@@ -138,6 +138,26 @@ def test_refusals_are_sentences(tmp_path, imagenet_dir):
     empty.mkdir()
     res = _extract_cli(empty, "--output", tmp_path / "o2")
     assert res.returncode == 2 and "no images found" in res.stderr
+
+
+def test_hosts_probing_one_new_output_at_once_do_not_collide(tmp_path):
+    """Every process of a multi-host run checks --output before its backend comes up; two real
+    processes released together probe 200 fresh paths: none fails, none leaves anything behind
+    (the probe once made and removed the folder, and one host's rmdir broke the other's probe)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(2, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=probe_new_outputs, args=(str(tmp_path), 200, barrier, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert [p.exitcode for p in procs] == [0, 0] and not failures, failures[:3]
+    assert os.listdir(tmp_path) == []
 
 
 def test_convert_into_a_missing_folder(tmp_path, ft10):
