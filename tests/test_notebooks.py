@@ -31,8 +31,10 @@ def test_notebook_is_stripped_and_runs(name, imagenet_dir, monkeypatch, tmp_path
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for var in ("BEIT_JAX_IMAGES", "BEIT_JAX_CHECKPOINT", "PYTHONPATH"):
         monkeypatch.delenv(var, raising=False)
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    # nbclient waits 4 s by default for a cell's last outputs and then drops them with a log line: a
+    # loaded CI machine must not lose a figure or an error that way
+    NotebookClient(nb, timeout=900, kernel_name="python3", startup_timeout=300, iopub_timeout=120,
+                   raise_on_iopub_timeout=True, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -269,7 +269,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(sig, when, imagenet_dir, tmp
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
-        units = len(os.listdir(out / "units")) if (out / "units").is_dir() else 0
+        units = len(list((out / "units").glob("*.json")))  # finished markers (not one being written)
         if (when == "while compiling" and (out / "manifest.json").exists()) or units >= 3:
             break
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -318,15 +318,18 @@ def test_truncated_and_altered_files_are_found(imagenet_dir, tmp_path):
 
 # ---- 8, 10: the user's files, one writer, durable renames ---------------------------------------
 def test_second_writer_is_refused_and_foreign_files_survive(imagenet_dir, tmp_path):
-    """Two real writers: the first reads its images from a slow HTTP server, so it is still running
-    when the second starts."""
+    """Two real writers: the first reads its images from an HTTP server that holds every request
+    until the second run has been answered, so the first is still running when the second starts
+    (however slowly the second starts on a loaded machine)."""
     import functools
     import http.server
     import threading
 
+    gate = threading.Event()
+
     class Slow(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
-            time.sleep(0.25)
+            gate.wait(300)
             super().do_GET()
 
         def log_message(self, *a):
@@ -354,8 +357,10 @@ def test_second_writer_is_refused_and_foreign_files_survive(imagenet_dir, tmp_pa
         second = run_cli(*args, "--resume", devices=1)
         assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
         assert second.returncode == 2 and "is being written by another beit-jax extract (pid" in second.stderr
+        gate.set()
         so, se = first.communicate(timeout=900)
     finally:
+        gate.set()
         server.shutdown()
     assert first.returncode == 0, se[-2000:]  # the first run was not disturbed
     assert len(read_features(out)[0]) == 60
