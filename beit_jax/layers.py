@@ -272,7 +272,7 @@ class ViTCommon(nn.Module):
     forward_intermediates) and the trace-time speed choices that make `jax.jit(model.apply)` the
     fast path (attention implementation, `attn_impl`; micro-batching on CPU, `micro_batch`). A
     subclass declares its own fields (at least `norm_eps` and `head_init_scale`, whose defaults
-    differ), and defines `setup` (blocks, norm or fc_norm, head_drop, head), `_embed(x,
+    differ), and defines `setup` (embedding, blocks, then `_setup_head()`), `_embed(x,
     deterministic) -> (tokens, shared relative position bias or None)` and `_attention_has_bias`;
     its blocks take (x, shared bias, deterministic) and have `attention_weights(x, shared bias)`."""
     img_size: int = 224
@@ -300,6 +300,19 @@ class ViTCommon(nn.Module):
     pretrained_cfg: Optional[PretrainedCfg] = None  # data config and Hub id of the tag, if any
 
     _attention_has_bias = False
+
+    def _setup_head(self) -> None:
+        """The end both families share, called from a subclass's setup: the final norm (fc_norm for
+        avg pooling, else norm), head_drop and the head (timm's init, scaled by head_init_scale)."""
+        if self.fc_norm_enabled:
+            self.fc_norm = layer_norm(None, self.param_dtype, self.norm_eps)
+        else:
+            self.norm = layer_norm(None, self.param_dtype, self.norm_eps)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        if self.num_classes > 0:
+            self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=trunc_normal(0.02, self.head_init_scale),
+                                 bias_init=nn.initializers.zeros, precision=self.precision)
 
     # ---- derived config -------------------------------------------------------------------
     @property

@@ -194,15 +194,7 @@ class Beit(ViTCommon):
                   param_dtype=self.param_dtype, precision=self.precision)
             for i in range(self.depth)
         ]
-        if self.fc_norm_enabled:
-            self.fc_norm = layer_norm(None, self.param_dtype, self.norm_eps)
-        else:
-            self.norm = layer_norm(None, self.param_dtype, self.norm_eps)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes > 0:
-            self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=trunc_normal(0.02, self.head_init_scale),
-                                 bias_init=nn.initializers.zeros, precision=self.precision)
+        self._setup_head()
 
     # ---- pieces (the forward methods are ViTCommon's) ----------------------------------------
     @property
