@@ -327,7 +327,7 @@ def test_second_writer_is_refused_and_foreign_files_survive(imagenet_dir, tmp_pa
 
     gate = threading.Event()
 
-    class Slow(http.server.SimpleHTTPRequestHandler):
+    class Held(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             gate.wait(300)
             super().do_GET()
@@ -337,7 +337,7 @@ def test_second_writer_is_refused_and_foreign_files_survive(imagenet_dir, tmp_pa
 
     photos = _photos(imagenet_dir, 60)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Slow, directory=str(photos[0].parent)))
+                                             functools.partial(Held, directory=str(photos[0].parent)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     src = tmp_path / "urls.csv"
     src.write_text("url\n" + "".join(f"http://127.0.0.1:{server.server_address[1]}/{p.name}\n" for p in photos))
