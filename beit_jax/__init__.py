@@ -3,16 +3,13 @@
 
 `import beit_jax` never imports torch.
 """
-from .beit3 import Beit3
 from .checkpoints import load_state_dict_file, save_flax_checkpoint, save_safetensors
 from .sinks import read_features
 from .factory import create_model, load_checkpoint
 from .hub import PretrainedUnavailableError
 from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
-from .model import Beit
 from .nnx_model import BeitNNX, create_nnx_model
-from .pretrained import PretrainedCfg, get_pretrained_cfg, list_models
-from .registry import build_model
+from .models import Beit, Beit3, PretrainedCfg, build_model, cast_for_inference, get_pretrained_cfg, list_models
 from .transforms import ImageLoadError, create_transform, load_image, resolve_data_config
 
 __version__ = "0.1.0"
@@ -22,5 +19,5 @@ __all__ = [
     "CheckpointMismatchError", "PretrainedUnavailableError", "convert_timm_state_dict",
     "to_timm_state_dict", "load_checkpoint", "load_state_dict_file", "save_flax_checkpoint",
     "save_safetensors", "resolve_data_config", "create_transform", "load_image", "ImageLoadError",
-    "read_features",
+    "read_features", "cast_for_inference",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._io import atomic_write
 from .mapping import to_numpy, unwrap_state_dict
+from .models import architecture_overrides
 
 FLAX_CHECKPOINT_SUFFIX = ".msgpack"
 FLAX_CHECKPOINT_FORMAT = "beit-jax/flax-msgpack-v1"
@@ -33,8 +34,12 @@ def load_state_dict_file(path: str | os.PathLike) -> Dict[str, np.ndarray]:
         return _load_safetensors(path)
     if ext in (".pth", ".bin", ".pt", ".ckpt"):
         return _load_torch_pickle(path)
-    raise ValueError(f"{path}: unsupported checkpoint type {ext!r}; use .safetensors, .pth, .bin "
-                     f"or a beit-jax {FLAX_CHECKPOINT_SUFFIX} export")
+    if ext == FLAX_CHECKPOINT_SUFFIX:
+        raise ValueError(f"{path} is a beit-jax export, not a timm state dict: load it with "
+                         f"beit_jax.create_model(NAME, checkpoint_path={path!r}), or turn it into a timm "
+                         f"file with flax_to_timm")
+    raise ValueError(f"{path}: unsupported checkpoint type {ext!r}; a timm state dict is .safetensors, .pth, "
+                     f".bin, .pt or .ckpt (beit_jax.create_model also reads beit-jax {FLAX_CHECKPOINT_SUFFIX} exports)")
 
 
 def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -84,7 +89,8 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
 
 
 def model_config_dict(model) -> Dict[str, Any]:
-    """The JSON config stored beside a beit-jax checkpoint."""
+    """The JSON config stored beside a beit-jax checkpoint: the tag, head, resolution, pooling and
+    every field that differs from the registered architecture (`overrides`, applied on load)."""
     return {
         "model": model.pretrained_cfg.name if model.pretrained_cfg else None,
         "num_classes": model.num_classes,
@@ -92,6 +98,7 @@ def model_config_dict(model) -> Dict[str, Any]:
         "global_pool": model.global_pool,
         "embed_dim": model.embed_dim,
         "depth": model.depth,
+        "overrides": architecture_overrides(model),
         "format": FLAX_CHECKPOINT_FORMAT,
     }
 
@@ -105,6 +112,9 @@ def save_flax_checkpoint(variables: Mapping[str, Any], model, path: str | os.Pat
     from flax import serialization
 
     path = os.fspath(path)
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise ValueError(f"save_flax_checkpoint: path {path!r} is a folder; give a file name such as "
+                         f"{os.path.join(path, 'model' + FLAX_CHECKPOINT_SUFFIX)!r}")
     if not path.endswith(FLAX_CHECKPOINT_SUFFIX):
         path += FLAX_CHECKPOINT_SUFFIX
     params = {"params": jax.tree_util.tree_map(np.asarray, variables["params"])}

@@ -32,7 +32,7 @@ import numpy as np
 from . import parallel as par
 from ._io import TEMP_MARKER
 from .data import Decoder, HostBatch, stream_batches
-from .layers import cast_for_inference
+from .models import cast_for_inference
 from .sinks import (FAILED, MANIFEST, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError,  # noqa: F401
                     finished_units, read_failures, read_features, read_manifest)
 from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, TarShard, list_inputs, prefetch, stream_tar

@@ -16,8 +16,8 @@ import numpy as np
 from . import checkpoints, hub
 from .layers import trunc_normal
 from .mapping import Source, fit_params
-from .pretrained import get_pretrained_cfg, split_model_name
-from .registry import build_model, init_variables
+from .models import get_pretrained_cfg, split_model_name
+from .models import build_model, init_variables
 
 
 class NewHeadWarning(UserWarning):
@@ -107,11 +107,20 @@ def create_model(
         name = _export_name(name, saved, checkpoint_path)
         build["img_size"] = saved.get("img_size") if img_size is None else img_size
         build["global_pool"] = saved.get("global_pool") if global_pool is None else global_pool
+        build.update({k: v for k, v in _saved_overrides(saved).items() if k not in kwargs})
     raw = read_raw(checkpoint_path)
     if num_classes is None:  # the checkpoint decides its own head
         num_classes = checkpoint_num_classes(*raw)
     model = build_model(name, num_classes=num_classes, **build)
     return model, load_checkpoint(checkpoint_path, model, rng=rng, raw=raw)
+
+
+def _saved_overrides(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields an export was built with beyond its architecture row (`overrides`; older exports
+    record only embed_dim and depth)."""
+    out = {k: saved[k] for k in ("embed_dim", "depth") if k in saved}
+    out.update(saved.get("overrides") or {})
+    return out
 
 
 def _export_name(name: str, saved: Dict[str, Any], path) -> str:

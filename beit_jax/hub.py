@@ -5,7 +5,7 @@ HF_HUB_OFFLINE apply exactly as for timm itself.
 """
 from __future__ import annotations
 
-from .pretrained import PretrainedCfg
+from .models import PretrainedCfg
 
 
 class PretrainedUnavailableError(RuntimeError):

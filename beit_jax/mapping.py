@@ -8,7 +8,7 @@ transposed, the patch-embed conv kernel goes HWIO <-> OIHW, LayerNorm `scale` <-
 Both families (BEiT v1/v2 and BEiT-3) name their Flax modules as timm names them, so that one
 rule derives every key; what differs between their timm state dicts (key order, entries that
 carry no weights, foreign layouts timm's checkpoint_filter_fn accepts, how to recognise one) is
-one `TimmFamily` entry each in `FAMILIES`.
+one `TimmFamily` each, registered with the family in `models/<family>.py`.
 
 Every load ends in `fit_params`, which works on Flax paths whatever the source (a timm state
 dict after renaming, or a beit-jax export as is): it resizes position tables for another grid
@@ -16,16 +16,14 @@ and refuses, listing everything, a checkpoint that does not fit. Nothing loads p
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
 
-from .beit3 import Beit3
-from .model import Beit
-from .registry import ARCHITECTURES, abstract_variables
+from ._arrays import to_numpy  # noqa: F401  (re-exported)
+from .models import ARCHITECTURES, FAMILIES, TimmFamily, abstract_variables
 from .relpos import resample_abs_pos_embed, resize_rel_pos_bias_table
 
 Path = Tuple[str, ...]
@@ -77,17 +75,6 @@ def expected_params(model) -> Dict[Path, Any]:
     return traverse_util.flatten_dict(abstract_variables(model)["params"])
 
 
-def to_numpy(value) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # a torch tensor (only when the caller already has torch)
-        value = value.detach().cpu()
-        if not value.dtype.is_floating_point or value.dtype.itemsize >= 4:
-            return value.numpy()
-        return value.float().numpy()
-    return np.asarray(value)
-
-
 def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """timm accepts {'model': sd}, {'module': sd} and {'state_dict': sd} nestings (and 'module.' prefixes)."""
     for key in ("model", "module", "state_dict", "model_ema"):
@@ -99,121 +86,7 @@ def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
-# ---- the families: what differs between their timm state dicts ---------------------------------
-@dataclasses.dataclass(frozen=True)
-class ForeignLayout:
-    """A checkpoint layout other than timm's that timm's checkpoint_filter_fn converts on load."""
-    title: str
-    detect: Callable[[Mapping[str, Any]], bool]
-    convert: Callable[[Mapping[str, Any]], Dict[str, Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class TimmFamily:
-    """One model family's timm state dict: how to recognise it (`marker`, a key pattern only this
-    family has), timm's key order (top level, "blocks." standing for every block, then inside a
-    block), entries that carry no weights (buffers the model rebuilds; timm drops them too) and
-    the foreign layouts timm converts for this family."""
-    title: str
-    module: type
-    marker: re.Pattern
-    order: Tuple[str, ...]
-    block_order: Tuple[str, ...]
-    ignored: Tuple[re.Pattern, ...] = ()
-    foreign: Tuple[ForeignLayout, ...] = ()
-
-    def sort_key(self, key: str):
-        """Position of a timm key in timm's state_dict order (unknown keys last, by name)."""
-        m = re.match(r"blocks\.(\d+)\.(.*)", key)
-        if m:
-            rest = m.group(2)
-            pos = self.block_order.index(rest) if rest in self.block_order else len(self.block_order)
-            return (self.order.index("blocks."), int(m.group(1)), pos, key)
-        pos = self.order.index(key) if key in self.order else len(self.order)
-        return (pos, 0, 0, key)
-
-    def adapt(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The state dict in timm's layout: foreign layouts converted, weightless entries dropped."""
-        for layout in self.foreign:
-            if layout.detect(state_dict):
-                state_dict = layout.convert(state_dict)
-                break
-        return {k: v for k, v in state_dict.items() if not any(r.search(k) for r in self.ignored)}
-
-
-_BEIT3_DROPPED = ("beit3.text_embed.weight", "beit3.vision_embed.mask_token")
-_BEIT3_RULES = [(re.compile(a), b) for a, b in [
-    (r"beit3\.", ""), (r"vision_embed\.cls_token", "cls_token"), (r"vision_embed\.", "patch_embed."),
-    (r"embed_positions\.", "pos_embed."), (r"encoder\.", ""), (r"layers\.", "blocks."),
-    (r"ffn_layernorm\.", "norm."), (r"ffn\.", "mlp."), (r"self_attn_layer_norm\.", "norm1."),
-    (r"self_attn\.", "attn."), (r"final_layer_norm\.", "norm2."), (r"inner_attn_ln", "norm"),
-    (r"out_proj", "proj"), (r"\.A\.", "."),
-]]
-_BEIT3_QKV = re.compile(r"blocks\.(\d+)\.attn\.(q|k|v)_proj\.(weight|bias)$")
-
-
-def is_beit3_original(state_dict: Mapping[str, Any]) -> bool:
-    """An original (microsoft/unilm, torchscale) BEiT-3 checkpoint: `beit3.*` keys."""
-    return any("beit3." in k for k in state_dict)
-
-
-def convert_beit3_original(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """timm's `_convert_beit3` in numpy: an original `beit3.*` multiway checkpoint -> timm's
-    VisionTransformer keys. The text embedding and mask token are dropped, only the vision
-    branch (`.A.`) of each multiway layer is kept, the first two rows of the fairseq position
-    table are cut, and separate q/k/v projections are fused into qkv. A q/k/v set missing a
-    member stays under its own names (timm drops it silently), so the load reports it."""
-    renamed = {}
-    for key, value in state_dict.items():
-        if key in _BEIT3_DROPPED or ".B." in key:
-            continue
-        for pattern, repl in _BEIT3_RULES:
-            key = pattern.sub(repl, key)
-        if key == "pos_embed.weight":  # fairseq positions: two padding rows, then cls + patches
-            renamed["pos_embed"] = to_numpy(value)[2:][None]
-        else:
-            renamed[key] = value
-    out, stash = {}, {}
-    for key, value in renamed.items():
-        m = _BEIT3_QKV.fullmatch(key)
-        if m is None:
-            out[key] = value
-            continue
-        block, which, kind = m.groups()
-        parts = stash.setdefault((block, kind), {})
-        parts[which] = (key, value)
-        if len(parts) == 3:
-            out[f"blocks.{block}.attn.qkv.{kind}"] = np.concatenate([to_numpy(parts[c][1]) for c in "qkv"], 0)
-    for parts in stash.values():
-        if len(parts) < 3:
-            out.update(dict(parts.values()))
-    return out
-
-
-BEIT = TimmFamily(
-    title="BEiT", module=Beit, marker=re.compile(r"^blocks\.\d+\.attn\.(q_bias|relative_position_bias_table)$"),
-    order=("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-           "rel_pos_bias.relative_position_bias_table", "blocks.", "norm.weight", "norm.bias",
-           "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"),
-    block_order=("gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
-                 "attn.relative_position_bias_table", "attn.qkv.weight", "attn.proj.weight",
-                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                 "mlp.fc2.weight", "mlp.fc2.bias"),
-    ignored=(re.compile(r"(^|\.)relative_position_index$"), re.compile(r"(^|\.)k_bias$")),
-)
-BEIT3 = TimmFamily(
-    title="BEiT-3", module=Beit3, marker=re.compile(r"^blocks\.\d+\.(attn|mlp)\.norm\.weight$"),
-    order=("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.",
-           "norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"),
-    block_order=("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.norm.weight",
-                 "attn.norm.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                 "mlp.fc1.weight", "mlp.fc1.bias", "mlp.norm.weight", "mlp.norm.bias", "mlp.fc2.weight",
-                 "mlp.fc2.bias"),
-    foreign=(ForeignLayout("original BEiT-3 (beit3.* keys)", is_beit3_original, convert_beit3_original),),
-)
-FAMILIES: Tuple[TimmFamily, ...] = (BEIT, BEIT3)
-
-
+# ---- the families (each registered by its file in models/) --------------------------------------
 def family_of(model) -> TimmFamily:
     """The family a model module belongs to."""
     for family in FAMILIES:
@@ -390,5 +263,5 @@ def to_timm_state_dict(variables: Mapping[str, Any], model: Optional[Any] = None
             raise CheckpointMismatchError(
                 f"variables do not fit {_model_summary(model)}: unexpected {extra[:10]}, missing {lack[:10]}")
     out = {flax_path_to_timm_key(path): to_timm_layout(path, np.asarray(value)) for path, value in flat.items()}
-    family = family or recognise(out)[0] or BEIT
+    family = family or recognise(out)[0] or FAMILIES[0]
     return dict(sorted(out.items(), key=lambda kv: family.sort_key(kv[0])))

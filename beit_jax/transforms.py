@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .augment import RandAugment, RandomErasing, erase, random_resized_crop_params
-from .pretrained import get_pretrained_cfg
+from .models import get_pretrained_cfg
 
 INTERPOLATION = {
     "nearest": Image.NEAREST,

@@ -29,7 +29,10 @@ def load_beit_jax(arch, dtype, batch, attn="auto", micro="auto", device="cpu"):
     import jax.numpy as jnp
 
     import beit_jax
-    from beit_jax.layers import cast_for_inference
+    try:
+        from beit_jax import cast_for_inference
+    except ImportError:  # a --baseline checkout from before models/ (it lived in layers)
+        from beit_jax.layers import cast_for_inference
 
     kwargs = {}
     if attn != "default":

@@ -45,7 +45,7 @@ def pipeline_only(refs, transform, batch, workers, backend):
 def model_only(model, variables, batch, parallel, steps=6):
     from beit_jax import parallel as par
     from beit_jax.extract import make_forward
-    from beit_jax.layers import cast_for_inference
+    from beit_jax import cast_for_inference
 
     dp = par.DataParallel(parallel)
     step = dp.inference_step(make_forward(model, ["pooled"], (0.5,) * 3, (0.5,) * 3))

@@ -53,9 +53,9 @@ def run_cli(*args, devices: Optional[int] = None, env_extra=None, timeout=900, c
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def run_module(module: str, *args, timeout=900) -> subprocess.CompletedProcess:
+def run_module(module: str, *args, timeout=900, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def run_helper(script: str, *args, devices: Optional[int] = None, timeout=900, **env) -> subprocess.CompletedProcess:
@@ -135,7 +135,7 @@ def perturb_(model, seed: int = 0):
 def _timm_model_cached(name: str, kwargs_items: tuple, seed: int):
     import timm
 
-    from beit_jax.registry import ARCHITECTURES
+    from beit_jax.models import ARCHITECTURES
 
     arch = ARCHITECTURES.get(name)
     timm_name, kwargs = (arch.timm_name, dict(arch.timm_kwargs)) if arch else (name, {})

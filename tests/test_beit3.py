@@ -13,7 +13,8 @@ import torch
 
 import beit_jax
 from beit_jax import checkpoints, finetune
-from beit_jax.mapping import convert_beit3_original, flax_path_to_timm_key
+from beit_jax.mapping import flax_path_to_timm_key
+from beit_jax.models.beit3 import convert_beit3_original
 from flax import traverse_util
 from tests.support import (assert_round_trip_is_identity, max_abs, random_images, run_cli, timm_and_flax,
                            timm_attention_probs, timm_model, timm_state_dict, to_nchw)
@@ -233,7 +234,7 @@ def test_random_init_follows_timm_scheme():
 
 
 def test_bfloat16_close_to_float32(imagenet_dir):
-    from beit_jax.layers import cast_for_inference
+    from beit_jax import cast_for_inference
     from beit_jax.transforms import load_image
 
     sd = timm_state_dict(timm_model(BASE, depth=6))  # half depth: bf16 error grows with depth, compile time too

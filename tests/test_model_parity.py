@@ -297,7 +297,7 @@ def test_attention_maps_match_timm():
 
 
 def test_cast_for_inference_is_exact():
-    from beit_jax.layers import cast_for_inference
+    from beit_jax import cast_for_inference
 
     model, variables = beit_jax.create_model("beit_base_patch16_224", dtype=jnp.bfloat16)
     cast = cast_for_inference(model, variables)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import beit_jax
-from beit_jax.pretrained import PRETRAINED_CFGS
+from beit_jax.models import PRETRAINED_CFGS
 from beit_jax.transforms import ImageLoadError, load_image
 
 # Every distinct data config in the registry (size, crop, mean/std, interpolation).

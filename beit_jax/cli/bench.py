@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from .. import parallel
     from ..factory import create_model
-    from ..layers import cast_for_inference
+    from ..models import cast_for_inference
     from .options import attention_line, dtype_of
 
     defaults = parallel.inference_defaults(args.dtype)

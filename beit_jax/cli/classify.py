@@ -45,7 +45,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..labels import class_names
-    from ..layers import cast_for_inference
+    from ..models import cast_for_inference
     from ..transforms import ImageLoadError, create_transform, load_image, resolve_data_config
 
     model, variables = load_model(args)

@@ -81,7 +81,7 @@ def settings_from_args(args, num_train_images: int, model_name: str):
     """(TrainConfig, global batch, drop path, recipe note or None): the recipe's values (if any),
     then every flag given explicitly on top."""
     from .. import finetune
-    from ..registry import build_model
+    from ..models import build_model
 
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(finetune.TrainConfig)
                 if getattr(args, f.name) is not None}

@@ -1,4 +1,4 @@
-"""beit-jax Flax checkpoint (.msgpack + .json) -> timm-loadable .safetensors state dict.
+"""beit-jax Flax checkpoint (.msgpack + .json) -> timm-loadable state dict (.safetensors, or .pth / .bin).
 
     python -m beit_jax.conversion.flax_to_timm out/finetuned.msgpack -o finetuned.safetensors --verify
 
@@ -17,7 +17,7 @@ import numpy as np
 
 import beit_jax
 from beit_jax import checkpoints, mapping
-from beit_jax.registry import ARCHITECTURES
+from beit_jax.models import ARCHITECTURES
 
 
 def load_flax(path: str, model_name=None):
@@ -25,28 +25,48 @@ def load_flax(path: str, model_name=None):
     cfg = checkpoints.read_checkpoint_config(path) or {}
     name = model_name or cfg.get("model")
     if not name:
-        raise SystemExit(f"error: {path} has no .json config beside it: pass --model ARCH")
+        raise ValueError(f"{path} has no .json config beside it: pass --model ARCH")
     return beit_jax.create_model(name, checkpoint_path=path)
 
 
+OUTPUT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+def save_state_dict(sd, out: Path) -> None:
+    """`sd` as the file type `out`'s name says: safetensors, or a torch.save pickle of tensors."""
+    if out.suffix.lower() == ".safetensors":
+        checkpoints.save_safetensors(sd, out)
+        return
+    import torch
+
+    from beit_jax._io import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: torch.save({k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in sd.items()}, f))
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m beit_jax.conversion.flax_to_timm", description=__doc__,
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'conversion.flax_to_timm'}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="beit-jax .msgpack file (its .json config beside it)")
-    ap.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    ap.add_argument("-o", "--output", required=True,
+                    help="output file: .safetensors, or .pth / .bin / .pt (torch.save, as timm's own releases)")
     ap.add_argument("--model", help="architecture, when the .json config is missing")
     ap.add_argument("--verify", action="store_true",
                     help="load the output into timm (strict) and compare logits with the Flax model")
     ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args(argv)
     try:
+        out = Path(args.output)
+        if out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"-o {out}: unknown file type {out.suffix!r}; name it .safetensors, .pth, .bin or .pt "
+                             f"(the name decides the format timm reads)")
         model, variables = load_flax(args.checkpoint, args.model)
     except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sd = beit_jax.to_timm_state_dict(variables, model)
-    out = Path(args.output)
-    checkpoints.save_safetensors(sd, out)
+    save_state_dict(sd, out)
     print(f"wrote {out} ({len(sd)} tensors, {model.pretrained_cfg.architecture}, num_classes={model.num_classes})")
     if args.verify:
         import timm
@@ -54,7 +74,8 @@ def main(argv=None) -> int:
 
         arch = ARCHITECTURES[model.pretrained_cfg.architecture]
         tm = timm.create_model(arch.timm_name, pretrained=True,
-                               **dict(arch.timm_kwargs, num_classes=model.num_classes, img_size=model.img_size,
+                               **dict(arch.timm_kwargs, **beit_jax.models.architecture_overrides(model),
+                                      num_classes=model.num_classes, img_size=model.img_size,
                                       global_pool=model.global_pool),
                                pretrained_cfg_overlay=dict(file=str(out), num_classes=model.num_classes)).eval()
         x = np.random.RandomState(0).randn(2, model.img_size, model.img_size, 3).astype(np.float32)

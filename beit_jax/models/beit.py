@@ -1,11 +1,13 @@
-"""BEiT (v1 and v2) as Flax linen modules, numerically matching timm's `timm/models/beit.py`.
+"""BEiT (v1 and v2) as Flax linen modules, numerically matching timm's `timm/models/beit.py`, and
+the family's registration: its timm tags, architecture rows and state-dict facts (end of file).
 
 Input is NHWC (B, H, W, C), normalized as the model's data config says. Parameter names follow
-timm's (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`, see `mapping.py`). Facts timm
+timm's (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`, see `beit_jax/mapping.py`). Facts timm
 keeps on the model for optimizers (`group_matcher`, `no_weight_decay`) are methods here too.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Optional, Set, Tuple
 
 import flax.linen as nn
@@ -13,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import (Dtype, Mlp, PatchEmbed, ViTCommon, attend, attention_weights, check_attn_impl,
-                     check_global_pool, check_image_input, dense, drop_path, layer_norm, split_heads,
-                     trunc_normal)
-from .relpos import gen_relative_position_index, num_relative_distance
+from ..layers import (Dtype, Mlp, PatchEmbed, attend, attention_weights, check_attn_impl, dense, drop_path,
+                      layer_norm, split_heads, trunc_normal)
+from ._base import ViTCommon, check_global_pool, check_image_input
+from ._registry import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Architecture, TimmFamily,
+                        pretrained_cfg, register_family)
+from ..relpos import gen_relative_position_index, num_relative_distance
 
 LAYER_NORM_EPS = 1e-6
 
@@ -145,7 +149,7 @@ class Block(nn.Module):
 
 class Beit(ViTCommon):
     """BEiT / BEiT v2 vision transformer (timm's `Beit`). Its config: the fields shared
-    with BEiT-3 (`layers.ViTCommon`: sizes, drop rates, pooling, dtype, speed choices) and these.
+    with BEiT-3 (`_base.ViTCommon`: sizes, drop rates, pooling, dtype, speed choices) and these.
 
     `__call__(x)` = `forward_head(forward_features(x))`: (B, H, W, 3) -> (B, num_classes) logits,
     or pooled (B, embed_dim) features when `num_classes == 0`. Two speed choices are made at trace
@@ -211,3 +215,63 @@ class Beit(ViTCommon):
         x = self.pos_drop(x, deterministic=deterministic)
         shared = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
         return x, shared
+
+
+# ---- registration: timm's tags (first per architecture = its default), architectures, state dict --
+_V2 = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+             use_abs_pos_emb=False, use_rel_pos_bias=True)
+_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+              use_abs_pos_emb=False, use_rel_pos_bias=True)
+_TEST = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
+             use_abs_pos_emb=False, use_rel_pos_bias=True)
+_TINY = dict(img_size=64, embed_dim=64, depth=2, num_heads=2)
+
+
+def _arch(name: str, **fields) -> Architecture:
+    return Architecture(Beit, fields, name)
+
+
+BEIT = TimmFamily(
+    title="BEiT", module=Beit, marker=re.compile(r"^blocks\.\d+\.attn\.(q_bias|relative_position_bias_table)$"),
+    order=("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+           "rel_pos_bias.relative_position_bias_table", "blocks.", "norm.weight", "norm.bias",
+           "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"),
+    block_order=("gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
+                 "attn.relative_position_bias_table", "attn.qkv.weight", "attn.proj.weight",
+                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                 "mlp.fc2.weight", "mlp.fc2.bias"),
+    ignored=(re.compile(r"(^|\.)relative_position_index$"), re.compile(r"(^|\.)k_bias$")),
+)
+
+register_family(
+    BEIT,
+    architectures={
+        "beit_base_patch16_224": _arch("beit_base_patch16_224", **_BASE, img_size=224, init_values=0.1),
+        "beit_base_patch16_384": _arch("beit_base_patch16_384", **_BASE, img_size=384, init_values=0.1),
+        "beit_large_patch16_224": _arch("beit_large_patch16_224", **_LARGE, img_size=224, init_values=1e-5),
+        "beit_large_patch16_384": _arch("beit_large_patch16_384", **_LARGE, img_size=384, init_values=1e-5),
+        "beit_large_patch16_512": _arch("beit_large_patch16_512", **_LARGE, img_size=512, init_values=1e-5),
+        "beitv2_base_patch16_224": _arch("beitv2_base_patch16_224", **_BASE, img_size=224, init_values=1e-5),
+        "beitv2_large_patch16_224": _arch("beitv2_large_patch16_224", **_LARGE, img_size=224, init_values=1e-5),
+        # A tiny model for tests of everything but full-size numerics (timm's `test_vit` idea).
+        "test_beit": Architecture(Beit, dict(_TEST, img_size=64, init_values=0.1), "beit_base_patch16_224",
+                                  dict(_TINY, init_values=0.1)),
+    },
+    pretrained=[
+        pretrained_cfg("beit_base_patch16_224.in22k_ft_in22k_in1k"),
+        pretrained_cfg("beit_base_patch16_384.in22k_ft_in22k_in1k", input_size=(3, 384, 384), crop_pct=1.0),
+        pretrained_cfg("beit_base_patch16_224.in22k_ft_in22k", num_classes=21841),
+        pretrained_cfg("beit_large_patch16_224.in22k_ft_in22k_in1k"),
+        pretrained_cfg("beit_large_patch16_384.in22k_ft_in22k_in1k", input_size=(3, 384, 384), crop_pct=1.0),
+        pretrained_cfg("beit_large_patch16_512.in22k_ft_in22k_in1k", input_size=(3, 512, 512), crop_pct=1.0),
+        pretrained_cfg("beit_large_patch16_224.in22k_ft_in22k", num_classes=21841),
+        pretrained_cfg("beitv2_base_patch16_224.in1k_ft_in22k_in1k", **_V2),
+        pretrained_cfg("beitv2_base_patch16_224.in1k_ft_in1k", **_V2),
+        pretrained_cfg("beitv2_base_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
+        pretrained_cfg("beitv2_large_patch16_224.in1k_ft_in22k_in1k", crop_pct=0.95, **_V2),
+        pretrained_cfg("beitv2_large_patch16_224.in1k_ft_in1k", crop_pct=0.95, **_V2),
+        pretrained_cfg("beitv2_large_patch16_224.in1k_ft_in22k", num_classes=21841, **_V2),
+        pretrained_cfg("test_beit.untrained", input_size=(3, 64, 64), hub=False),
+    ],
+)

@@ -21,7 +21,7 @@ import numpy as np
 
 import beit_jax
 from beit_jax import checkpoints, mapping
-from beit_jax.registry import ARCHITECTURES
+from beit_jax.models import ARCHITECTURES
 
 
 def read_source(source: str, pretrained: bool) -> Dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def read_source(source: str, pretrained: bool) -> Dict[str, np.ndarray]:
     if os.path.exists(source):
         return checkpoints.load_state_dict_file(source)
     if not pretrained:
-        raise SystemExit(f"error: {source} is not a file; for a timm model name add --pretrained")
+        raise ValueError(f"{source} is not a file; for a timm model name add --pretrained")
     import timm
 
     tm = timm.create_model(source, pretrained=True)
@@ -144,15 +144,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="max abs logit/feature difference --verify accepts (default: %(default)s)")
 
 
+def output_path(output: str, model) -> str:
+    """-o as given, or inside it as `<architecture>.msgpack` when it names a folder."""
+    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        return os.path.join(output, model.pretrained_cfg.architecture + checkpoints.FLAX_CHECKPOINT_SUFFIX)
+    return output
+
+
 def run(args) -> int:
-    model_name = args.model or (args.source if not os.path.exists(args.source) else None)
-    if model_name is None:
-        raise SystemExit("error: pass --model ARCH for a checkpoint file (beit_jax.list_models() lists them)")
-    if not args.output and not args.verify:
-        raise SystemExit("error: nothing to do: give --output and/or --verify")
-    if args.images is not None and not args.images.is_dir():
-        raise SystemExit(f"error: --images {args.images} is not a folder")
+    """The tool; every refusal is one `error:` line and exit code 2, before anything is written."""
     try:
+        model_name = args.model or (args.source if not os.path.exists(args.source) else None)
+        if model_name is None:
+            raise ValueError(f"{args.source} is a checkpoint file: pass --model ARCH "
+                             f"(beit_jax.list_models() lists them)")
+        if not args.output and not args.verify:
+            raise ValueError("nothing to do: give --output and/or --verify")
+        if args.images is not None and not args.images.is_dir():
+            raise ValueError(f"--images {args.images} is not a folder")
         sd = read_source(args.source, args.pretrained)
         model, variables = convert(sd, model_name, args.num_classes, args.img_size)
     except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
@@ -172,14 +181,14 @@ def run(args) -> int:
         else:
             print(f"OK: max abs difference {worst:.3g} <= {args.tolerance:g}")
     if args.output and status == 0:
-        mp, js = checkpoints.save_flax_checkpoint(variables, model, args.output)
+        mp, js = checkpoints.save_flax_checkpoint(variables, model, output_path(args.output, model))
         print(f"wrote {mp} and {js}")
     return status
 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m beit_jax.conversion.timm_to_flax", description=__doc__,
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name if __spec__ else 'conversion.timm_to_flax'}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     return run(ap.parse_args(argv))
