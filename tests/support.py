@@ -49,8 +49,28 @@ def cli_command(*args) -> list:
 
 
 def run_cli(*args, devices: Optional[int] = None, env_extra=None, timeout=900, cwd=None) -> subprocess.CompletedProcess:
+    """`beit-jax ARGS` in a real process: for what crosses a process boundary (device counts,
+    signals, kills, several hosts, the installed entry point)."""
     return subprocess.run(cli_command(*args), env=subprocess_env(devices, **(env_extra or {})),
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`beit-jax ARGS` in this process (`beit_jax.cli.main`, the code the entry point calls), with
+    its exit code, stdout and stderr as run_cli returns them: for refusals and parsing, where no
+    process boundary is under test (a process start costs seconds of imports)."""
+    import contextlib
+    import io
+
+    from beit_jax import cli as beit_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = beit_cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["beit-jax", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
 def run_module(module: str, *args, timeout=900, cwd=None) -> subprocess.CompletedProcess:

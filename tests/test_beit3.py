@@ -16,7 +16,7 @@ from beit_jax import checkpoints, finetune
 from beit_jax.mapping import flax_path_to_timm_key
 from beit_jax.models.beit3 import convert_beit3_original
 from flax import traverse_util
-from tests.support import (assert_round_trip_is_identity, max_abs, random_images, run_cli, timm_and_flax,
+from tests.support import (assert_round_trip_is_identity, cli, max_abs, random_images, timm_and_flax,
                            timm_attention_probs, timm_model, timm_state_dict, to_nchw)
 
 TOL = 1e-4  # max abs, float32 (measured: ~2e-6 logits; unnormalised avg-pool tokens ~3e-6 relative)
@@ -266,8 +266,8 @@ def test_extract_command_equals_timm(imagenet_dir, tmp_path):
     weights = tmp_path / "tiny3.safetensors"
     checkpoints.save_safetensors(timm_state_dict(tm), weights)
     paths = sorted(imagenet_dir.iterdir())[:6]
-    res = run_cli("extract", *paths, "--output", tmp_path / "out", "--model", TINY3, "--checkpoint", weights,
-                  "--outputs", "pooled,logits", "--batch-size", "4", "--no-progress", devices=1)
+    res = cli("extract", *paths, "--output", tmp_path / "out", "--model", TINY3, "--checkpoint", weights,
+              "--outputs", "pooled,logits", "--batch-size", "4", "--no-progress")
     assert res.returncode == 0, res.stderr
     got_paths, logits = beit_jax.read_features(tmp_path / "out", "logits")
     _, pooled = beit_jax.read_features(tmp_path / "out", "pooled")
@@ -294,9 +294,9 @@ def test_finetune_command_then_timm_loads_the_export(imagenet_dir, tmp_path):
         (train / f"class_{i % 2}" / p.name).write_bytes(p.read_bytes())
     weights = tmp_path / "tiny3.safetensors"
     checkpoints.save_safetensors(timm_state_dict(timm_model(TINY3)), weights)
-    res = run_cli("finetune", "--train", train, "--output", tmp_path / "run", "--model", TINY3,
-                  "--checkpoint", weights, "--batch-size", "4", "--steps", "3", "--warmup-steps", "1",
-                  "--lr", "1e-3", "--no-progress", "--workers", "1")
+    res = cli("finetune", "--train", train, "--output", tmp_path / "run", "--model", TINY3,
+              "--checkpoint", weights, "--batch-size", "4", "--steps", "3", "--warmup-steps", "1",
+              "--lr", "1e-3", "--no-progress", "--workers", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == 3
     _, start = beit_jax.create_model(TINY3, num_classes=2, checkpoint_path=str(weights))
@@ -320,7 +320,7 @@ def test_convert_command_verifies_an_original_checkpoint(tmp_path):
     tm = timm_model(TINY3)
     torch.save({"model": {k: torch.from_numpy(v) for k, v in _to_beit3_original(timm_state_dict(tm)).items()}},
                tmp_path / "release.pth")
-    res = run_cli("convert", tmp_path / "release.pth", "--model", TINY3, "-o", tmp_path / "out", "--verify")
+    res = cli("convert", tmp_path / "release.pth", "--model", TINY3, "-o", tmp_path / "out", "--verify")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "OK: max abs difference" in res.stdout
     model, variables = beit_jax.create_model(TINY3, checkpoint_path=str(tmp_path / "out.msgpack"))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from beit_jax import checkpoints
-from tests.support import TINY, run_cli, timm_model, timm_state_dict
+from tests.support import TINY, cli, run_cli, timm_model, timm_state_dict
 
 
 def test_classify_matches_timm_top5(tmp_path, imagenet_dir):
@@ -31,8 +31,8 @@ def test_classify_matches_timm_top5(tmp_path, imagenet_dir):
 
 
 def test_classify_labels_and_bad_image(tmp_path, odd_dir):
-    res = run_cli("classify", odd_dir / "hopper.jpg", odd_dir / "broken.png", "--random-weights",
-                  "--model", "beit_base_patch16_224.in22k_ft_in22k", "--top-k", "2")
+    res = cli("classify", odd_dir / "hopper.jpg", odd_dir / "broken.png", "--random-weights",
+              "--model", "beit_base_patch16_224.in22k_ft_in22k", "--top-k", "2")
     assert res.returncode == 1
     assert "broken.png" in res.stderr and "cannot identify image file" in res.stderr
     assert "hopper.jpg" in res.stdout and res.stdout.count("%") == 2

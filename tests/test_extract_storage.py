@@ -21,7 +21,7 @@ import pytest
 
 import beit_jax
 from beit_jax.extract import extract, read_failures, read_features
-from tests.support import TINY, cli_command, free_port, run_cli, run_process_pair, subprocess_env
+from tests.support import TINY, cli, cli_command, free_port, run_cli, run_process_pair, subprocess_env
 
 BROKEN = ["broken.png", "truncated_end_chunk.png"]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -358,9 +358,9 @@ def test_gcs_emulator_round_trip(imagenet_dir, tmp_path):
 
 
 def test_unknown_protocol_and_missing_backend_are_clear(tmp_path):
-    res = run_cli("extract", "nosuch://bucket/imgs", "--output", tmp_path / "o", "--model", TINY, "--random-weights")
+    res = cli("extract", "nosuch://bucket/imgs", "--output", tmp_path / "o", "--model", TINY, "--random-weights")
     assert res.returncode == 2 and "nosuch:// is not a storage protocol" in res.stderr
-    res = run_cli("extract", "sftp://host/imgs", "--output", tmp_path / "o", "--model", TINY, "--random-weights")
+    res = cli("extract", "sftp://host/imgs", "--output", tmp_path / "o", "--model", TINY, "--random-weights")
     assert res.returncode == 2 and "sftp:// paths need an extra package" in res.stderr
     assert not (tmp_path / "o").exists()  # refused before anything was written
 

@@ -15,7 +15,7 @@ from beit_jax import finetune
 from beit_jax.checkpoints import load_flax_checkpoint
 from beit_jax.mapping import flax_path_to_timm_key
 from flax import traverse_util
-from tests.support import TINY, digits_folder, run_cli, run_helper, run_process_pair
+from tests.support import TINY, cli, digits_folder, run_cli, run_helper, run_process_pair
 
 RECIPE_FLAGS = ["--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
                 "--model-ema-decay", "0.9"]
@@ -62,7 +62,7 @@ def _small_model(num_classes=10, **kw):
 
 
 def _cli(*args):
-    return run_cli("finetune", *args)
+    return cli("finetune", *args)  # in-process: --max-steps stops it, no kill
 
 
 def test_killed_and_resumed_run_continues_the_same_curve(digits, tmp_path):
