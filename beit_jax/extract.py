@@ -23,23 +23,23 @@ import json
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import parallel as par
+from ._config import option
 from ._io import TEMP_MARKER
 from .data import Decoder, HostBatch, stream_batches
 from .models import cast_for_inference
-from .sinks import (FAILED, MANIFEST, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError,  # noqa: F401
-                    finished_units, read_failures, read_features, read_manifest)
+from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError,  # noqa: F401
+                    finished_units, read_failures, read_features, read_manifest, remove_unfinished_parts)
 from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, TarShard, list_inputs, prefetch, stream_tar
 from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
 from .transforms import create_transform, normalize, resolve_data_config
 
-OUTPUTS = ("pooled", "tokens", "logits")
 FORMAT = "beit-jax/features-v2"
 
 
@@ -141,10 +141,6 @@ class Plan:
         return (dataclasses.replace(r, index=self._key(unit.index, 0, k))
                 for k, r in enumerate(stream_tar(unit.shard)))
 
-    @property
-    def num_listed(self) -> Optional[int]:
-        return self.num_inputs if self.listed_only else None
-
     def unit_of(self, key: int) -> int:
         if not self.listed_only:
             return key >> 32
@@ -178,17 +174,17 @@ def weights_fingerprint(variables) -> str:
 class Manifest:
     """manifest.json: the identity of a run (what must match to add rows to a folder) and its status."""
 
-    # Fields that must match to add rows to an existing folder (not the process count: units are
-    # global, so a run may resume on another number of hosts).
+    # Fields that must match to add rows to an existing folder. Not the process or device count, nor
+    # the global batch size (its default follows the device count): units are global and a row
+    # does not depend on the batch it ran in, so a run may resume on another number of hosts/devices.
     IDENTITY_KEYS = ("format", "model", "weights_sha256", "outputs", "dtype", "storage_dtype", "img_size",
-                     "data_config", "num_inputs", "inputs_sha256", "global_batch_size", "rows_per_unit",
-                     "rows_per_part", "columns")
+                     "data_config", "num_inputs", "inputs_sha256", "rows_per_unit", "rows_per_part", "columns")
 
     # What the user changes to change a field (for refusals).
     FLAGS = {"model": "--model", "weights_sha256": "--checkpoint / the weights", "outputs": "--outputs",
              "dtype": "--dtype", "storage_dtype": "--storage-dtype", "img_size": "--img-size / the model",
              "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
-             "global_batch_size": "--batch-size", "rows_per_unit": "--shard-size", "rows_per_part": "--outputs",
+             "rows_per_unit": "--shard-size", "rows_per_part": "--outputs",
              "columns": "SRC (table columns)", "format": "the beit-jax version"}
 
     def __init__(self, folder: Folder, fields: Dict[str, Any]):
@@ -351,40 +347,83 @@ class UnitTracker:
 
 
 # ---- extract ------------------------------------------------------------------------------------
-def extract(
-    src,
-    output_dir: str,
-    model,
-    variables,
-    *,
-    model_name: Optional[str] = None,
-    batch_size: Optional[int] = None,
-    parallel: str = "sharded",
-    outputs: Sequence[str] = ("pooled",),
-    workers: int = 2,
-    backend: str = "thread",
-    resume: bool = False,
-    verify: bool = False,
-    shard_size: int = 4096,
-    storage_dtype: str = "float32",
-    storage_options: Optional[Dict[str, Any]] = None,
-    path_column: Optional[str] = None,
-    part_bytes: int = 256 << 20,
-    prefetch_shards: int = 2,
-    progress: bool = True,
-    data_config: Optional[Dict[str, Any]] = None,
-    stop: Optional[threading.Event] = None,
-) -> Dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """How `extract` runs (`beit-jax extract` makes a flag of each field: `--batch-size`, ...).
+
+    Only `outputs`, `storage_dtype`, `shard_size` and `part_bytes` shape what is written (and so a
+    run's identity, checked on resume); the rest is how fast it runs and what it prints.
+    """
+    outputs: Tuple[str, ...] = option(("pooled",), "comma list of pooled (B, D), tokens (B, 1+N, D), logits")
+    batch_size: Optional[int] = option(None, "global batch over all devices of all hosts; a multiple of the "
+                                             "device count (default: 256 per GPU/TPU device, 64 on CPU)",
+                                       minimum=1)
+    shard_size: int = option(4096, "listed inputs per unit of work and output file (a tar shard is one unit; "
+                                   "files are also split to stay under 256 MB)", minimum=1)
+    storage_dtype: str = option("float32", "dtype of the written arrays; float16 halves the files",
+                                choices=STORAGE_DTYPES)
+    part_bytes: int = option(256 << 20, "most bytes in one written file (and held in memory for it)", minimum=1,
+                             cli=False)
+    path_column: Optional[str] = option(None, "table sources: the column with image paths/URLs (default: the "
+                                              "first of path, url, image_path, filepath); the other columns "
+                                              "are copied to the metadata")
+    parallel: str = option("sharded", "sharded: jax.jit over a device Mesh (all hosts); pmap: jax.pmap over "
+                                      "local devices", choices=("sharded", "pmap"))
+    workers: int = option(2, "decode workers per host; 0 decodes inline", minimum=0)
+    backend: str = option("thread", "decode worker kind: threads (PIL releases the GIL) or spawned processes",
+                          choices=("thread", "process"))
+    prefetch_shards: int = option(2, "tar shards streamed in ahead of the one being decoded", minimum=0, cli=False)
+    resume: bool = option(False, "continue a killed run in the same folder: finished units are kept")
+    verify: bool = option(False, "when resuming: check the sha256 of every finished file, not just its size")
+    progress: bool = option(True, "a progress bar", flag="--no-progress")
+
+    def __post_init__(self):
+        outputs = tuple(dict.fromkeys([self.outputs] if isinstance(self.outputs, str) else self.outputs))
+        object.__setattr__(self, "outputs", outputs)
+        bad = [o for o in outputs if o not in OUTPUTS]
+        if bad or not outputs:
+            raise ValueError(f"outputs must be among {OUTPUTS} (got {list(outputs)})")
+        for f in dataclasses.fields(self):
+            value, least, choices = getattr(self, f.name), f.metadata["minimum"], f.metadata["choices"]
+            if least is not None and not (value is None and f.default is None) and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{f.name} must be {'a positive integer' if least == 1 else f'{least} or more'} "
+                                 f"(got {value!r})")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclasses.dataclass
+class _Job:
+    """One process's share of a run, set up by `extract` and carried out by `_run`."""
+    cfg: ExtractConfig
+    manifest: "Manifest"
+    folder: Folder
+    plan: Plan
+    dp: Any
+    step: Any
+    writer: FeatureWriter
+    model: Any
+    variables: Any
+    transform: Any
+    local_batch: int
+    stop: threading.Event
+    t_start: float
+    hint: Optional[str]
+
+
+def extract(src, output_dir: str, model, variables, config: Optional[ExtractConfig] = None, *,
+            model_name: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None,
+            data_config: Optional[Dict[str, Any]] = None, stop: Optional[threading.Event] = None,
+            **settings) -> Dict[str, Any]:
     """Run `model` over every image of `src` and write features to `output_dir`. Returns a summary.
 
     src / output_dir: local paths or fsspec URLs (storage_options for credentials/endpoints); src
-    may also be `sources.list_inputs(...)`'s result.
-    batch_size is global (all devices of all processes; default `parallel.inference_defaults`:
-    256 per GPU/TPU device, 64 on CPU; the summary's `hint` says when it is too small). outputs:
-    any of 'pooled' (B, D), 'tokens' (B, 1+N, D), 'logits' (B, classes). shard_size: listed inputs
-    per unit of work (a tar shard is one unit); part_bytes bounds each written file (and the memory
-    held for it). storage_dtype 'float16' halves the files. resume keeps finished units (verify:
-    check their sha256 too, not just sizes). The model micro-batches on CPU by itself
+    may also be `sources.list_inputs(...)`'s result. How it runs is an `ExtractConfig` (`config`,
+    and/or its fields as keywords: `extract(src, out, model, variables, batch_size=64,
+    outputs=("pooled", "tokens"))`); see its fields. batch_size is global (all devices of all
+    processes; default `parallel.inference_defaults`: 256 per GPU/TPU device, 64 on CPU; the
+    summary's `hint` says when it is too small). The model micro-batches on CPU by itself
     (`Beit.micro_batch`). Unreadable inputs are recorded in failed.jsonl and skipped; the run
     succeeds unless every input failed (AllInputsFailedError). One writer per output folder (a lock).
     stop: when set (the CLI sets it on Ctrl-C / SIGTERM), the run ends after the current batch with
@@ -392,29 +431,24 @@ def extract(
     dtype and the attention implementation that ran.
     """
     t_start = time.perf_counter()
-    outputs = tuple(dict.fromkeys(outputs))
-    bad = [o for o in outputs if o not in OUTPUTS]
-    if bad or not outputs:
-        raise ValueError(f"outputs must be among {OUTPUTS} (got {list(outputs)})")
-    defaults = par.inference_defaults(batch_size=batch_size)
-    batch_size = defaults.batch_size
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("part_bytes", part_bytes)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer (got {value!r})")
-    cfg = data_config or resolve_data_config(model)
-    transform = create_transform(**cfg)
+    cfg = dataclasses.replace(config or ExtractConfig(), **settings)
+    defaults = par.inference_defaults(batch_size=cfg.batch_size)
+    cfg = dataclasses.replace(cfg, batch_size=defaults.batch_size)
+    data_cfg = data_config or resolve_data_config(model)
+    transform = create_transform(**data_cfg)
     folder = Folder(output_dir, storage_options)
     folder.check_writable()
-    inputs = src if isinstance(src, Inputs) else list_inputs(src, storage_options, path_column)
+    inputs = src if isinstance(src, Inputs) else list_inputs(src, storage_options, cfg.path_column)
     if not inputs.items and not inputs.problems:
-        raise ValueError(f"no images found in {src if not isinstance(src, Inputs) else 'SRC'} (looked for "
+        raise ValueError(f"no images found in {inputs.src} (looked for "
                          f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files, lists, tables, tar shards)")
-    dp = par.DataParallel(parallel)
-    local_batch = dp.local_batch_size(batch_size)
-    step = dp.inference_step(make_forward(model, outputs, cfg["mean"], cfg["std"]))
-    plan = Plan(inputs, shard_size, dp.process_index, dp.process_count)
-    writer = FeatureWriter(folder, outputs, output_row_floats(model, outputs), inputs.columns, storage_dtype,
-                           part_bytes, process=dp.process_index)
+    dp = par.DataParallel(cfg.parallel)
+    local_batch = dp.local_batch_size(cfg.batch_size)
+    step = dp.inference_step(make_forward(model, cfg.outputs, data_cfg["mean"], data_cfg["std"]))
+    plan = Plan(inputs, cfg.shard_size, dp.process_index, dp.process_count)
+    writer = FeatureWriter(folder, cfg.outputs, output_row_floats(model, cfg.outputs), inputs.columns,
+                           cfg.storage_dtype, cfg.part_bytes, process=dp.process_index,
+                           column_types=inputs.column_types)
 
     folder.makedirs()
     manifest = Manifest(folder, {
@@ -422,68 +456,70 @@ def extract(
         # canonical arch.tag, so CLI ('beit_base_patch16_224') and API runs of one model agree
         "model": model.pretrained_cfg.name if model.pretrained_cfg else (model_name or type(model).__name__),
         "weights_sha256": weights_fingerprint(variables),
-        "outputs": list(outputs),
+        "outputs": list(cfg.outputs),
         "dtype": jnp.dtype(model.dtype).name,
-        "storage_dtype": storage_dtype,
+        "storage_dtype": cfg.storage_dtype,
         "img_size": model.img_size,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()},
         "num_inputs": plan.num_inputs,
         "inputs_sha256": plan.fingerprint,
-        "global_batch_size": batch_size,
-        "rows_per_unit": shard_size,
+        "global_batch_size": cfg.batch_size,
+        "rows_per_unit": cfg.shard_size,
         "rows_per_part": writer.rows_per_part,
         "columns": inputs.columns,
         "num_units": len(plan.units),
         "row_keys": "input index" if plan.listed_only else "(unit << 32) | position in unit",
-        "parallel": parallel,
+        "parallel": cfg.parallel,
         "process_count": dp.process_count,
     })
     lock = WriterLock(folder) if dp.process_index == 0 else None
     try:
-        manifest.open(resume, lock)
-        return _run(manifest, folder, plan, dp, step, writer, model, variables, transform, outputs, local_batch,
-                    workers, backend, resume, verify, prefetch_shards, progress, parallel, stop, t_start,
-                    defaults.hint)
+        manifest.open(cfg.resume, lock)
+        return _run(_Job(cfg, manifest, folder, plan, dp, step, writer, model, variables, transform, local_batch,
+                         stop or threading.Event(), t_start, defaults.hint))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(manifest, folder, plan, dp, step, writer, model, variables, transform, outputs, local_batch, workers,
-         backend, resume, verify, prefetch_shards, progress, parallel, stop, t_start, hint) -> Dict[str, Any]:
-    stop = stop or threading.Event()
+def _run(job: _Job) -> Dict[str, Any]:
+    cfg, folder, plan, dp, writer, stop = job.cfg, job.folder, job.plan, job.dp, job.writer, job.stop
     if dp.process_index == 0:
         _remove_own_temp_files(folder)
     par.sync("beit-jax-manifest")
 
-    done, problems = finished_units(folder, verify=verify) if resume else ({}, [])
+    sizes = folder.sizes() if cfg.resume else {}
+    done, problems = finished_units(folder, sizes, verify=cfg.verify) if cfg.resume else ({}, [])
     for p in problems:
         print(f"warning: redoing {p}", file=sys.stderr, flush=True)
     is_done = par.all_processes_agree(np.array([u.index in done for u in plan.units], dtype=bool))
     todo = [u for u in plan.mine if not is_done[u.index]]
+    if cfg.resume:  # parts a killed run left of the units this process redoes: gone before the redo
+        remove_unfinished_parts(folder, [u.index for u in todo], sizes)
 
     bar = None
-    if progress and dp.process_index == 0:
+    if cfg.progress and dp.process_index == 0:
         from tqdm.auto import tqdm
         total = sum(len(u.refs) for u in todo) if plan.listed_only else None
-        bar = tqdm(total=total, unit="img", desc=f"extract ({dp.num_devices} devices, {parallel})",
+        bar = tqdm(total=total, unit="img", desc=f"extract ({dp.num_devices} devices, {cfg.parallel})",
                    dynamic_ncols=True, file=sys.stderr)
 
-    tracker = UnitTracker(plan, todo, writer, outputs)
+    tracker = UnitTracker(plan, todo, writer, cfg.outputs)
 
     def on_rows(i: int, hb: HostBatch, rows) -> None:
         tracker.add(hb, rows)
         if bar is not None:
             bar.update(int((hb.indices >= 0).sum()))
 
-    image_shape = (transform.size[0], transform.size[1], 3)
-    params = dp.replicate(cast_for_inference(model, variables))
-    refs = prefetch([lambda u=u: plan.refs_of(u) for u in todo], ahead=prefetch_shards)
+    image_shape = (job.transform.size[0], job.transform.size[1], 3)
+    params = dp.replicate(cast_for_inference(job.model, job.variables))
+    refs = prefetch([lambda u=u: plan.refs_of(u) for u in todo], ahead=cfg.prefetch_shards)
     try:
-        with Decoder(transform, workers=workers, backend=backend, window=max(2 * local_batch, 16)) as decoder:
-            stream = lockstep(stream_batches(refs, local_batch, decoder, image_shape),
-                              lambda: HostBatch.empty(local_batch, image_shape), stop)
-            stats = run_pipeline(step, dp, params, stream, on_rows)
+        with Decoder(job.transform, workers=cfg.workers, backend=cfg.backend,
+                     window=max(2 * job.local_batch, 16)) as decoder:
+            stream = lockstep(stream_batches(refs, job.local_batch, decoder, image_shape),
+                              lambda: HostBatch.empty(job.local_batch, image_shape), stop)
+            stats = run_pipeline(job.step, dp, params, stream, on_rows)
         if not stop.is_set():
             tracker.finish()
     except StorageFullError as e:
@@ -498,7 +534,7 @@ def _run(manifest, folder, plan, dp, step, writer, model, variables, transform, 
     if not interrupted:
         par.sync("beit-jax-extract-done")
         if dp.process_index == 0:
-            manifest.finalize(len(plan.units))
+            job.manifest.finalize(len(plan.units))
         par.sync("beit-jax-finalized")
         totals = read_manifest(folder)
         if totals["rows"] == 0 and totals["failed"] > 0:
@@ -507,16 +543,16 @@ def _run(manifest, folder, plan, dp, step, writer, model, variables, transform, 
                 f"every one of the {totals['failed']} inputs failed, so {folder.url} holds no features (see "
                 f"{folder.url_of(FAILED)}; the first: {first['path']}: {first['error']})")
     t_end = time.perf_counter()
-    elapsed = t_end - t_start
+    elapsed = t_end - job.t_start
     steady_s = t_end - (stats.t_first or t_end)
     return dict(images=stats.rows, failed=stats.failed, seconds=elapsed,
                 images_per_sec=stats.rows / elapsed if elapsed > 0 else 0.0,
                 steady_images_per_sec=(stats.rows - stats.rows_first) / steady_s if steady_s > 0 else None,
                 decode_wait_s=stats.decode_wait_s, device_wait_s=stats.device_wait_s, write_s=writer.write_s,
                 skipped_units=int(is_done.sum()), units=len(plan.units), devices=dp.num_devices,
-                processes=dp.process_count, compiled_programs=step.traces, redone_units=len(problems),
+                processes=dp.process_count, compiled_programs=job.step.traces, redone_units=len(problems),
                 interrupted=interrupted, finished_units=int(is_done.sum()) + tracker.closed,
-                batch_size=local_batch * dp.process_count, hint=hint, **_compute_summary(model))
+                batch_size=job.local_batch * dp.process_count, hint=job.hint, **_compute_summary(job.model))
 
 
 def _compute_summary(model) -> Dict[str, Any]:
@@ -540,5 +576,5 @@ def _remove_own_temp_files(folder: Folder) -> None:
                     pass
 
 
-__all__ = ["extract", "read_features", "read_failures", "OutputMismatchError", "CorruptOutputError", "Plan",
+__all__ = ["extract", "ExtractConfig", "read_features", "read_failures", "OutputMismatchError", "CorruptOutputError", "Plan",
            "Manifest", "make_forward", "run_pipeline", "OUTPUTS"]

@@ -43,6 +43,7 @@ from . import parallel as par
 from ._io import atomic_write
 from .checkpoints import save_flax_checkpoint
 from .data import Decoder, batches, list_image_folder
+from ._config import option
 from .mapping import flax_path_to_timm_key
 from .transforms import create_transform, normalize, resolve_data_config
 
@@ -132,11 +133,6 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _opt(default, help: str, flag: Optional[str] = None, choices: Optional[Tuple[str, ...]] = None):
-    """A TrainConfig field; `beit-jax finetune` makes a flag of it (--field-name, or `flag`)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """Optimizer, schedule and augmentation settings (the BEiT fine-tuning recipe's knobs).
@@ -145,30 +141,30 @@ class TrainConfig:
     cutmix, EMA); `recipe_settings("beit", ...)` (`beit-jax finetune --recipe beit`) turns on
     the published BEiT values.
     """
-    lr: float = _opt(5e-4, "peak learning rate (BEiT: 5e-4 for batch 1024; scale linearly)")
-    min_lr: float = _opt(1e-6, "final learning rate of the cosine schedule")
-    weight_decay: float = _opt(0.05, "AdamW weight decay (not on 1-D params, cls token, position tables)")
-    layer_decay: float = _opt(0.65, "layer-wise lr decay: block i gets lr * decay ** (depth + 1 - i)")
-    warmup_steps: int = _opt(100, "linear warmup steps")
-    total_steps: int = _opt(1000, "total optimizer steps", flag="--steps")
-    label_smoothing: float = _opt(0.1, "label smoothing (with mixup/cutmix: of the mixed targets, as timm)")
-    b1: float = _opt(0.9, "AdamW beta1")
-    b2: float = _opt(0.999, "AdamW beta2")
-    grad_accum: int = _opt(1, "accumulate gradients over N batches per optimizer step")
-    clip_grad_norm: Optional[float] = _opt(None, "clip gradients to this global norm (default: off)")
-    seed: int = _opt(0, "seed of the data order, augmentation and drop path")
-    crop_scale: Tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop area range (timm's default)")
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    aa: Optional[str] = _opt(None, "RandAugment policy in timm's syntax, e.g. rand-m9-mstd0.5-inc1 (BEiT's); "
+    lr: float = option(5e-4, "peak learning rate (BEiT: 5e-4 for batch 1024; scale linearly)")
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on 1-D params, cls token, position tables)")
+    layer_decay: float = option(0.65, "layer-wise lr decay: block i gets lr * decay ** (depth + 1 - i)")
+    warmup_steps: int = option(100, "linear warmup steps")
+    total_steps: int = option(1000, "total optimizer steps", flag="--steps")
+    label_smoothing: float = option(0.1, "label smoothing (with mixup/cutmix: of the mixed targets, as timm)")
+    b1: float = option(0.9, "AdamW beta1")
+    b2: float = option(0.999, "AdamW beta2")
+    grad_accum: int = option(1, "accumulate gradients over N batches per optimizer step")
+    clip_grad_norm: Optional[float] = option(None, "clip gradients to this global norm (default: off)")
+    seed: int = option(0, "seed of the data order, augmentation and drop path")
+    crop_scale: Tuple[float, float] = option((0.08, 1.0), "RandomResizedCrop area range (timm's default)")
+    hflip: float = option(0.5, "horizontal flip probability")
+    aa: Optional[str] = option(None, "RandAugment policy in timm's syntax, e.g. rand-m9-mstd0.5-inc1 (BEiT's); "
                                    "default: off")
-    reprob: float = _opt(0.0, "random erasing probability (timm's RandomErasing; BEiT: 0.25)")
-    remode: str = _opt("pixel", "random erasing fill: per-pixel N(0,1) noise (BEiT's), one random colour, or zeros",
+    reprob: float = option(0.0, "random erasing probability (timm's RandomErasing; BEiT: 0.25)")
+    remode: str = option("pixel", "random erasing fill: per-pixel N(0,1) noise (BEiT's), one random colour, or zeros",
                        choices=("pixel", "rand", "const"))
-    mixup: float = _opt(0.0, "mixup alpha, on when > 0 (BEiT: 0.8)")
-    cutmix: float = _opt(0.0, "cutmix alpha, on when > 0 (BEiT: 1.0)")
-    mixup_prob: float = _opt(1.0, "probability of mixing a batch when mixup or cutmix is on")
-    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup when both are on")
-    model_ema_decay: Optional[float] = _opt(None, "keep an EMA of the weights with this decay per optimizer "
+    mixup: float = option(0.0, "mixup alpha, on when > 0 (BEiT: 0.8)")
+    cutmix: float = option(0.0, "cutmix alpha, on when > 0 (BEiT: 1.0)")
+    mixup_prob: float = option(1.0, "probability of mixing a batch when mixup or cutmix is on")
+    mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on")
+    model_ema_decay: Optional[float] = option(None, "keep an EMA of the weights with this decay per optimizer "
                                                   "step (timm's ModelEma, e.g. 0.9999); evaluated and "
                                                   "exported too (default: off)")
 

@@ -30,6 +30,8 @@ MANIFEST = "manifest.json"
 FAILED = "failed.jsonl"
 UNITS = "units"
 METADATA = "metadata"
+OUTPUTS = ("pooled", "tokens", "logits")  # what a run can write, each a sub-folder of parts
+PART_FOLDERS = OUTPUTS + (METADATA,)
 STORAGE_DTYPES = ("float32", "float16")
 
 
@@ -55,12 +57,16 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def parquet_bytes(columns: Dict[str, list]) -> bytes:
+def parquet_bytes(columns: Dict[str, list], types: Optional[Dict[str, Any]] = None) -> bytes:
+    """A parquet file of `columns`; `types` (column -> pyarrow type) fixes their schema, so every
+    part of a run has the same one (a part whose values are all None is not typed null)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
+    types = types or {}
+    schema = pa.schema([(c, types[c]) if c in types else (c, pa.array(v).type) for c, v in columns.items()])
+    pq.write_table(pa.table(columns, schema=schema), buf)
     return buf.getvalue()
 
 
@@ -72,10 +78,14 @@ class FeatureWriter:
     """
 
     def __init__(self, folder: Folder, outputs: Sequence[str], row_bytes: Dict[str, int], columns: Sequence[str],
-                 storage_dtype: str = "float32", part_bytes: int = 256 << 20, process: int = 0):
+                 storage_dtype: str = "float32", part_bytes: int = 256 << 20, process: int = 0,
+                 column_types: Optional[Dict[str, Any]] = None):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES} (got {storage_dtype!r})")
         self.folder, self.outputs, self.columns, self.process = folder, tuple(outputs), list(columns), process
+        import pyarrow as pa
+
+        self.types = {"id": pa.int64(), "path": pa.string(), **(column_types or {})}
         self.dtype = np.dtype(storage_dtype)
         per_row = sum(row_bytes[o] for o in self.outputs) * self.dtype.itemsize // 4
         self.rows_per_part = max(1, part_bytes // max(per_row, 1))
@@ -127,7 +137,7 @@ class FeatureWriter:
         meta = {"id": [r.index for r in self._refs], "path": [r.id for r in self._refs]}
         for c in self.columns:
             meta[c] = [(r.meta or {}).get(c) for r in self._refs]
-        files[f"{METADATA}/{s}.parquet"] = parquet_bytes(meta)
+        files[f"{METADATA}/{s}.parquet"] = parquet_bytes(meta, self.types)
         for rel, data in files.items():
             self.folder.write(rel, data)
         self._parts.append({"stem": s, "rows": len(self._refs),
@@ -178,6 +188,20 @@ def finished_units(folder: Folder, sizes: Optional[Dict[str, int]] = None,
     return done, problems
 
 
+def remove_unfinished_parts(folder: Folder, units: Sequence[int], sizes: Dict[str, int]) -> List[str]:
+    """Remove the part files (npy and metadata parquet) of `units`, which are about to be redone:
+    a run killed before a unit's marker leaves parts that the redo may not rewrite (its inputs
+    changed, it needs fewer parts), and embedding-reader / autofaiss read every file in the folder.
+    Only files named as this writer names parts (<unit>-<part>.npy / .parquet) in its own
+    sub-folders are touched. Returns what was removed."""
+    prefixes = {f"{u:07d}-" for u in units}
+    stale = [rel for rel in sorted(sizes) if "/" in rel and rel.split("/", 1)[0] in PART_FOLDERS
+             and rel.split("/", 1)[1][:8] in prefixes and rel.endswith((".npy", ".parquet"))]
+    for rel in stale:
+        folder.remove(rel)
+    return stale
+
+
 def _verified(folder: Folder, rel: str, info: Dict[str, Any]) -> bytes:
     data = folder.read(rel)
     if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
@@ -204,6 +228,15 @@ def read_features(output_dir: str, output: Optional[str] = None, *, storage_opti
     if output not in manifest["outputs"]:
         raise ValueError(f"{output_dir} has outputs {manifest['outputs']}, not {output!r}")
     done, problems = finished_units(folder)
+    if manifest.get("status") == "complete":  # every unit finished: each marker must be there
+        missing = [u for u in range(int(manifest.get("num_units", 0))) if u not in done]
+        if missing:
+            problems.append(f"the manifest says complete but {len(missing)} unit markers are missing "
+                            f"({', '.join(folder.url_of(unit_marker(u)) for u in missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}): a partial copy, or deleted files")
+        elif "rows" in manifest and sum(m["rows"] for m in done.values()) != manifest["rows"]:
+            problems.append(f"the units hold {sum(m['rows'] for m in done.values())} rows, the manifest "
+                            f"{manifest['rows']}")
     if manifest.get("status") != "complete" or problems:
         msg = (f"{output_dir} is unfinished ({len(done)} of {manifest.get('num_units', '?')} units done"
                f"{'; ' + '; '.join(problems[:5]) if problems else ''})")

@@ -2,7 +2,9 @@
 
 SRC (one or several, any local path or fsspec URL; see storage.py):
   folder / bucket prefix   every image below it, recursively, sorted (local walks detect symlink
-                           loops and report unreadable sub-folders)
+                           loops and report unreadable sub-folders); a folder holding no images but
+                           tables or tar shards (an img2dataset URL-table folder, a webdataset
+                           folder) is read as those files, sorted
   glob                     'imgs/*.jpg', 's3://b/shards/*.tar' (sorted); webdataset's brace syntax
                            'shards/shard-{00000..00999}.tar' is expanded first
   list file (.txt .lst)    one path/URL per line, relative to the list's folder; '#' comments
@@ -82,6 +84,9 @@ class Inputs:
     items: List[Union[ImageRef, TarShard]]
     columns: List[str]
     problems: List[ImageRef]
+    src: str = "SRC"  # what was listed, for messages
+    column_types: Dict[str, Any] = dataclasses.field(default_factory=dict)  # column -> pyarrow type, one per run
+    _recast: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # columns whose values need it
 
 
 def _ext(name: str) -> str:
@@ -104,12 +109,64 @@ def list_inputs(src: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                 path_column: Optional[str] = None) -> Inputs:
     """Every input of SRC in a deterministic order (see the module docstring)."""
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
-    out = Inputs([], [], [])
+    out = Inputs([], [], [], src=", ".join(os.fspath(s) for s in srcs[:3]) + (" ..." if len(srcs) > 3 else ""))
     for s in srcs:
         s = os.fspath(s)
         for url in (expand_braces(s) if "{" in s else [s]):
             _list_one(url, storage_options, path_column, out)
+    _recast_columns(out)
     return out
+
+
+def _unify_types(a, b):
+    """One pyarrow type for a column two tables typed a and b: numbers -> float64, null -> the
+    other, anything else -> string."""
+    import pyarrow as pa
+
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if (pa.types.is_integer(a) or pa.types.is_floating(a)) and (pa.types.is_integer(b) or pa.types.is_floating(b)):
+        return pa.float64()
+    return pa.string()
+
+
+def _add_column_types(out: Inputs, schema, renamed: Dict[str, str], where: str) -> None:
+    """Record this table's passthrough column types; where tables disagree, one type for the run
+    (every part of metadata/ must have one schema, or the writer and the readers fail), loudly."""
+    import warnings
+
+    import pyarrow as pa
+
+    for c, name in renamed.items():
+        t = schema.field(c).type
+        have = out.column_types.get(name)
+        if have is None:
+            out.column_types[name] = t
+            continue
+        unified = _unify_types(have, t)
+        if unified != have or (unified != t and not pa.types.is_null(t)):
+            if unified != have or name not in out._recast:
+                warnings.warn(f"column {name!r} is {t} in {where} but {have} in an earlier table: it is "
+                              f"written as {unified} in every metadata part", UserWarning, stacklevel=2)
+            out.column_types[name] = unified
+            out._recast[name] = unified
+
+
+def _recast_columns(out: Inputs) -> None:
+    """Values of columns whose type was unified, converted to it (str / float); None stays None."""
+    import pyarrow as pa
+
+    if not out._recast:
+        return
+    conv = {c: (str if pa.types.is_string(t) else float) for c, t in out._recast.items()}
+    for ref in out.items:
+        if isinstance(ref, ImageRef) and ref.meta:
+            for c, f in conv.items():
+                if ref.meta.get(c) is not None:
+                    ref.meta[c] = f(ref.meta[c])
+    out._recast.clear()
 
 
 def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
@@ -124,9 +181,13 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
             _list_one(unstrip(fs, m), storage_options, path_column, out)
         return
     if fs.isdir(path):
-        refs, problems = (_walk_local(path) if is_local_fs(fs) else _walk_remote(fs, path))
-        out.items.extend(refs)
+        refs, containers, problems = (_walk_local(path) if is_local_fs(fs) else _walk_remote(fs, path))
         out.problems.extend(problems)
+        if refs or not containers:
+            out.items.extend(refs)
+            return
+        for c in containers:  # no images, but tables / tar shards: the folder is a dataset of those
+            _list_one(unstrip(fs, c) if not is_local_fs(fs) else c, storage_options, path_column, out)
         return
     if not fs.exists(path):
         raise FileNotFoundError(f"input not found: {url}")
@@ -136,7 +197,7 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
     elif ext in LIST_EXTENSIONS:
         out.items.extend(_read_list(fs, path, storage_options))
     elif ext in TABLE_EXTENSIONS:
-        out.items.extend(_read_table(fs, path, storage_options, path_column, out.columns))
+        out.items.extend(_read_table(fs, path, storage_options, path_column, out))
     elif is_image_name(path):
         out.items.append(_ref(fs, path))
     else:
@@ -149,9 +210,15 @@ def _ref(fs, path: str, id: Optional[str] = None, **kw) -> ImageRef:
     return ImageRef(id or url, path, None if is_local_fs(fs) else fs, **kw)
 
 
-def _walk_local(root: str) -> Tuple[List[ImageRef], List[ImageRef]]:
-    """os.walk following symlinks, but each real folder once (a link back up is a loop, reported)."""
-    refs, problems, seen = [], [], set()
+def _is_container(name: str) -> bool:
+    """A table or tar shard, what a folder without images is read as."""
+    return _ext(name) in TABLE_EXTENSIONS or _ext(name) == ".tar"
+
+
+def _walk_local(root: str) -> Tuple[List[ImageRef], List[str], List[ImageRef]]:
+    """(images, tables and tar shards, problems) below root: os.walk following symlinks, but each
+    real folder once (a link back up is a loop, reported)."""
+    refs, containers, problems, seen = [], [], [], set()
 
     def onerror(err: OSError):
         problems.append(ImageRef(err.filename or root, err.filename or root,
@@ -166,14 +233,17 @@ def _walk_local(root: str) -> Tuple[List[ImageRef], List[ImageRef]]:
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
             if is_image_name(name):
-                p = os.path.join(dirpath, name)
                 refs.append(ImageRef(p, p))
-    return refs, problems
+            elif _is_container(name):
+                containers.append(p)
+    return refs, containers, problems
 
 
-def _walk_remote(fs, root: str) -> Tuple[List[ImageRef], List[ImageRef]]:
-    return [_ref(fs, p) for p in sorted(fs.find(root)) if is_image_name(p)], []
+def _walk_remote(fs, root: str) -> Tuple[List[ImageRef], List[str], List[ImageRef]]:
+    found = sorted(fs.find(root))
+    return [_ref(fs, p) for p in found if is_image_name(p)], [p for p in found if _is_container(p)], []
 
 
 def _join(fs, base_dir: str, entry: str, storage_options) -> Tuple[Any, str]:
@@ -197,7 +267,7 @@ def _read_list(fs, path: str, storage_options) -> List[ImageRef]:
     return refs
 
 
-def _read_table(fs, path: str, storage_options, path_column: Optional[str], columns: List[str]) -> List[ImageRef]:
+def _read_table(fs, path: str, storage_options, path_column: Optional[str], out: Inputs) -> List[ImageRef]:
     with fs.open(path, "rb") as f:
         ext = _ext(path)
         if ext == ".parquet":
@@ -218,8 +288,9 @@ def _read_table(fs, path: str, storage_options, path_column: Optional[str], colu
     rest = [c for c in names if c != col]
     renamed = {c: (f"input_{c}" if c in RESERVED_COLUMNS else c) for c in rest}
     for c in rest:
-        if renamed[c] not in columns:
-            columns.append(renamed[c])
+        if renamed[c] not in out.columns:
+            out.columns.append(renamed[c])
+    _add_column_types(out, table.schema, renamed, unstrip(fs, path))
     base = posixpath.dirname(path) if not is_local_fs(fs) else os.path.dirname(path)
     rows = table.select(rest).to_pylist() if rest else [{}] * table.num_rows
     refs = []
@@ -246,18 +317,32 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_e
 def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]:
     """Samples of a webdataset shard in order, read as ONE sequential stream.
 
-    Consecutive members with the same key form a sample; its image is the member with an image
-    extension. A sample without one, or an unreadable tail (truncated shard), becomes an error ref;
-    the samples before it are kept.
+    Consecutive members with the same key (webdataset's rule: the name up to the first dot of its
+    last path part) form a sample. Its image member is the one with an image extension, and its id
+    is '<shard>/<key>'. A sample with several image members (`000.jpg` + `000.png`, or
+    `frame.0001.jpg, frame.0002.jpg`, which share the key `frame`) gives a row per image member,
+    with ids '<shard>/<key>.<ext>' that say which. A member name repeated inside a sample (webdataset
+    refuses such shards) keeps the first; each repeat becomes an error ref. A sample without an
+    image member is an error ref too. A shard that is cut short (inside a member, its padding or a
+    header, or without tar's end-of-archive blocks) yields every complete image before the cut and
+    one error ref for the rest.
     """
-    current, files, last, reading = None, {}, None, None
+    current, files, last, dups = None, {}, None, []
 
-    def sample(key, members):
+    def samples(key, members, repeats):
         sid = f"{shard.url}/{key}"
-        image = next((ext for ext in members if "." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS), None)
-        if image is None:
-            return ImageRef(sid, shard.url, error=f"{sid}: no image member (has {', '.join(sorted(members)) or 'none'})")
-        return ImageRef(sid, shard.url, data=members[image])
+        images = [ext for ext in members if "." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        if not images:
+            yield ImageRef(sid, shard.url, error=f"{sid}: no image member (has {', '.join(sorted(members)) or 'none'})")
+        for ext in images:
+            yield ImageRef(sid if len(images) == 1 else f"{sid}.{ext}", shard.url, data=members[ext])
+        for n, name in enumerate(repeats, 2):
+            yield ImageRef(f"{shard.url}/{name}#{n}", shard.url,
+                           error=f"{shard.url}: member {name} appears again in the same sample (a webdataset "
+                                 f"shard may hold each name once); the first was kept, this one was not read")
+
+    def has_image(members):
+        return any("." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for ext in members)
 
     try:
         opener = open(shard.path, "rb") if is_local_fs(shard.fs) else shard.fs.open(shard.path, "rb",
@@ -267,24 +352,32 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
                 if not m.isfile():
                     continue
                 match = _KEY_RE.match(m.name)
-                reading, ext = (match.group(1), match.group(2)) if match else (m.name, "")
+                key, ext = (match.group(1), match.group(2)) if match else (m.name, "")
+                if key != current and current is not None:
+                    yield from samples(current, files, dups)
+                    files, dups = {}, []
+                current = key
                 data = tf.extractfile(m).read()
                 last = m.name
-                if reading != current and current is not None:
-                    yield sample(current, files)
-                    files = {}
-                current, reading = reading, None
-                files[ext] = data
+                if ext in files:
+                    dups.append(m.name)
+                else:
+                    files[ext] = data
+            end = tf.offset
+        size = os.path.getsize(shard.path) if is_local_fs(shard.fs) else shard.fs.size(shard.path)
+        if size is not None and size - end < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"it ends at byte {size}, inside or right after member {last or '(none)'}, "
+                                    f"without tar's end-of-archive blocks: the shard was cut short")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        if current is not None and reading is not None and reading != current:
-            yield sample(current, files)  # complete: the break came inside the next sample
+        if current is not None and has_image(files):
+            yield from samples(current, files, dups)  # every image member read before the cut is whole
         where = f"after member {last}" if last else "at its start"
         yield ImageRef(f"{shard.url}#unreadable", shard.url,
-                       error=f"{shard.url}: unreadable {where} ({type(e).__name__}: {e}); the samples "
-                             f"before it were kept")
+                       error=f"{shard.url}: unreadable {where} ({type(e).__name__}: {e}); the complete "
+                             f"samples before it were kept")
         return
     if current is not None:
-        yield sample(current, files)
+        yield from samples(current, files, dups)
 
 
 def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_size: int = 256) -> Iterator:
@@ -344,7 +437,7 @@ def list_image_folder(root: Union[str, os.PathLike]) -> Tuple[List[ImageRef], np
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE files)")
     refs, labels = [], []
     for label, name in enumerate(classes):
-        found, _ = _walk_local(os.path.join(root, name))
+        found = _walk_local(os.path.join(root, name))[0]
         refs.extend(found)
         labels.extend([label] * len(found))
     return refs, np.asarray(labels, np.int32), classes

@@ -8,7 +8,6 @@ missing one is an error naming the extra to install.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import posixpath
@@ -16,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from ._io import atomic_write, temp_name
 
@@ -39,33 +38,24 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
-def is_local_url(url: str) -> bool:
-    return protocol_of(url) in ("file", "local")
+def filesystem(url: str, storage_options: Optional[Dict[str, Any]] = None):
+    """(fsspec filesystem, path inside it) for a URL or local path (`fsspec.core.url_to_fs`;
+    fsspec reuses filesystems of the same options). A missing backend names the extra to install."""
+    import fsspec.core
 
-
-@functools.lru_cache(maxsize=64)
-def _filesystem(protocol: str, options_json: str):
-    import fsspec
-
+    url = os.fspath(url)
+    protocol = protocol_of(url)
+    if protocol in ("file", "local"):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
     try:
-        return fsspec.filesystem(protocol, **json.loads(options_json))
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as e:
         extra = EXTRAS.get(protocol)
         hint = f"pip install 'beit-jax[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
         raise ImportError(f"{protocol}:// paths need an extra package: {hint} ({e})") from e
     except ValueError as e:  # "Protocol not known"
         raise ValueError(f"{protocol}:// is not a storage protocol fsspec knows ({e})") from e
-
-
-def filesystem(url: str, storage_options: Optional[Dict[str, Any]] = None):
-    """(fsspec filesystem, path inside it) for a URL or local path; filesystems are reused."""
-    url = os.fspath(url)
-    protocol = protocol_of(url)
-    if protocol in ("file", "local"):
-        path = url.split("://", 1)[1] if "://" in url else url
-        return _filesystem("file", "{}"), os.path.abspath(os.path.expanduser(path))
-    fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
-    return fs, fs._strip_protocol(url)
 
 
 def unstrip(fs, path: str) -> str:
@@ -153,6 +143,8 @@ class Folder:
 
     def sizes(self, rel: str = "") -> Dict[str, int]:
         """{relative path: size} of every file under `rel` (one listing, not one request per file)."""
+        import fsspec.core
+
         base = self._fresh(self.path(rel) if rel else self.root)
         if not self.fs.exists(base):
             return {}
@@ -160,22 +152,23 @@ class Folder:
         root = self.root.rstrip("/") + "/"
         out = {}
         for p, info in found.items():
-            p = p if self.local else self.fs._strip_protocol(p)
+            p = p if self.local or "://" not in p else fsspec.core.strip_protocol(p)
             if info.get("type", "file") == "file" and p.startswith(root):
                 out[p[len(root):].replace(os.sep, "/")] = int(info.get("size") or 0)
         return out
+
+    def remove(self, rel: str) -> None:
+        """Delete one file of ours (a part of a unit being redone); a missing one is fine."""
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
 
     def listdir(self, rel: str = "") -> List[str]:
         base = self._fresh(self.path(rel) if rel else self.root)
         if not self.fs.exists(base):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
-
-
-def split_url(url: str) -> Tuple[str, str]:
-    """(parent URL, name) of a URL or path."""
-    head, _, name = url.rstrip("/").rpartition("/")
-    return head, name
 
 
 class WriterLock:

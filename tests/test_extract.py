@@ -13,8 +13,8 @@ import pytest
 
 import beit_jax
 from beit_jax._io import TEMP_MARKER
-from beit_jax.extract import OutputMismatchError, extract, read_failures, read_features
-from tests.support import TINY, cli_command, run_cli, run_helper, run_process_pair, subprocess_env
+from beit_jax.extract import CorruptOutputError, OutputMismatchError, extract, read_failures, read_features
+from tests.support import TINY, cli, cli_command, run_cli, run_helper, run_process_pair, subprocess_env
 
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
@@ -167,3 +167,81 @@ def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_
         assert p1 == p2 and len(p1) == len(items) - len(BROKEN)
         np.testing.assert_allclose(f2, f1, atol=1e-5)
     assert read_failures(tmp_path / "multi") == read_failures(tmp_path / "single")
+
+
+# ---- what a resume and a reader see after a kill -------------------------------------------------
+def _as_killed_before_markers(out, units):
+    """The folder as a kill leaves it before these units' markers were written (what
+    test_sigkill_then_resume_equals_uninterrupted_run produces for real): their parts are there,
+    their markers are not, the manifest says running and failed.jsonl is not gathered yet."""
+    for u in units:
+        (out / "units" / f"{u:07d}.json").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    for k in ("rows", "failed"):
+        manifest.pop(k)
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, status="running")))
+    (out / "failed.jsonl").unlink()
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_resume_removes_the_parts_a_killed_unit_left(imagenet_dir, tmp_path):
+    """A unit of 4 parts killed before its marker, whose inputs break before --resume, is redone
+    with 1 part: the 3 other old parts must go (embedding-reader and autofaiss read every file of
+    pooled/ and metadata/, so they got rows that are not in the result)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(imagenet_dir.iterdir())[:12]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    src = [str(p) for p in sorted(photos.iterdir())]
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    out = tmp_path / "o"
+    kw = dict(batch_size=4, shard_size=12, part_bytes=3 * 64 * 4, progress=False)  # 3 pooled rows a part
+    extract(src, str(out), model, variables, **kw)
+    assert _files(out / "pooled") == [f"0000000-000{i}.npy" for i in range(4)]
+    _as_killed_before_markers(out, [0])
+    for path in src[2:]:
+        with open(path, "wb") as f:
+            f.write(b"not an image any more")
+    extract(src, str(out), model, variables, resume=True, **kw)
+    assert read_features(out)[0] == src[:2] and len(read_failures(out)) == 10
+    assert _files(out / "pooled") == ["0000000-0000.npy"]
+    assert _files(out / "metadata") == ["0000000-0000.parquet"]
+
+
+def test_read_features_refuses_a_complete_run_missing_markers(imagenet_dir, tmp_path):
+    """A copy that left out a unit marker read as fewer rows, silently, though the manifest
+    records num_units and rows."""
+    src = [str(p) for p in sorted(imagenet_dir.iterdir())[:12]]
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    extract(src, str(tmp_path / "o"), model, variables, batch_size=4, shard_size=4, progress=False)
+    (tmp_path / "o" / "units" / "0000001.json").unlink()
+    with pytest.raises(CorruptOutputError, match=r"manifest says complete but 1 unit markers are missing "
+                                                 r"\(.*units/0000001\.json\)"):
+        read_features(tmp_path / "o")
+    with pytest.warns(UserWarning, match="returning the finished units only"):
+        paths, _ = read_features(tmp_path / "o", allow_partial=True)
+    assert paths == src[:4] + src[8:]
+
+
+def test_resume_on_another_device_count(imagenet_dir, tmp_path):
+    """Killed on 3 devices (a default global batch that is a multiple of 3), resumed on 1 (64): the batch is
+    not part of a run's identity, rows do not depend on it (the resume was refused as "a
+    different run")."""
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sorted(imagenet_dir.iterdir())[:12]) + "\n")
+    out = tmp_path / "o"
+    first = run_cli(*_extract_args(src, out, "--shard-size", "4"), devices=3)
+    assert first.returncode == 0, first.stderr
+    batch3 = json.loads((out / "manifest.json").read_text())["global_batch_size"]
+    assert batch3 % 3 == 0 and batch3 != 64  # the default follows the device count
+    reference = read_features(out)
+    _as_killed_before_markers(out, [1, 2])
+    resumed = cli(*_extract_args(src, out, "--shard-size", "4", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1/3 units already done" in resumed.stdout and "batch 64" in resumed.stdout
+    paths, feats = read_features(out)
+    assert paths == reference[0]
+    np.testing.assert_allclose(feats, reference[1], rtol=0, atol=1e-6)

@@ -7,6 +7,8 @@ from the shared helpers in `options.py`) and a `run(args)`. Errors a user can ac
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from typing import List, Optional
 
 from . import bench, classify, convert, extract, finetune
@@ -23,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as the command's own `warning: ...` lines (no source file and line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return report_errors(args.run, args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return report_errors(args.run, args)

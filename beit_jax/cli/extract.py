@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import (add_distributed_options, add_dtype_option, add_model_options, attention_line, distributed,
-                      dtype_of, graceful_stop, json_object, load_model, non_negative_int, positive_int,
-                      report_errors)
+from .options import (add_config_flags, add_distributed_options, add_dtype_option, add_model_options, attention_line,
+                      config_from_args, distributed, dtype_of, graceful_stop, json_object, load_model, report_errors)
 
 
 def register(sub) -> None:
@@ -28,33 +27,11 @@ def register(sub) -> None:
                    help='fsspec options for every URL, e.g. \'{"anon": true}\' or '
                         '\'{"client_kwargs": {"endpoint_url": "http://..."}}\' (credentials and endpoints '
                         'otherwise come from the usual environment: AWS_*, GOOGLE_APPLICATION_CREDENTIALS)')
-    p.add_argument("--path-column", default=None,
-                   help="table sources: the column with image paths/URLs (default: the first of "
-                        "path, url, image_path, filepath); the other columns are copied to the metadata")
     add_model_options(p, num_classes=True)
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="global batch over all devices of all hosts; a multiple of the device count "
-                        "(default: 256 per GPU/TPU device, 64 on CPU)")
-    p.add_argument("--parallel", choices=["sharded", "pmap"], default="sharded",
-                   help="sharded: jax.jit over a device Mesh (all hosts); pmap: jax.pmap over local devices "
-                        "(default: %(default)s)")
     add_dtype_option(p, machine_default=True)
-    p.add_argument("--workers", type=non_negative_int, default=2,
-                   help="decode workers per host; 0 decodes inline (default: %(default)s)")
-    p.add_argument("--backend", choices=["thread", "process"], default="thread",
-                   help="decode worker kind: threads (PIL releases the GIL) or spawned processes (default: %(default)s)")
-    p.add_argument("--outputs", default="pooled",
-                   help="comma list of pooled (B, D), tokens (B, 1+N, D), logits (default: %(default)s)")
-    p.add_argument("--shard-size", type=positive_int, default=4096,
-                   help="listed inputs per unit of work and output file (a tar shard is one unit; "
-                        "files are also split to stay under 256 MB) (default: %(default)s)")
-    p.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
-                   help="dtype of the written arrays; float16 halves the files (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run in the same folder: finished units are kept")
-    p.add_argument("--verify", action="store_true",
-                   help="with --resume: check the sha256 of every finished file, not just its size")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..extract import ExtractConfig
+
+    add_config_flags(p, ExtractConfig)
     add_distributed_options(p)
     p.set_defaults(run=run)
 
@@ -67,28 +44,24 @@ def run(args) -> int:
 def _run(args, stop, received) -> int:
     import jax
 
-    from ..extract import extract
+    from ..extract import ExtractConfig, extract
     from ..parallel import inference_defaults
     from ..sources import list_inputs
     from ..storage import Folder
 
     # what can be refused is refused before the model loads
     Folder(args.output, args.storage_options).check_writable()
-    inputs = list_inputs(args.src, args.storage_options, args.path_column)
     defaults = inference_defaults(args.dtype, args.batch_size)
+    cfg = config_from_args(args, ExtractConfig, batch_size=defaults.batch_size)
+    inputs = list_inputs(args.src, args.storage_options, cfg.path_column)
     if defaults.hint and jax.process_index() == 0:
         print(defaults.hint, file=sys.stderr, flush=True)
     model, variables = load_model(args, dtype=dtype_of(defaults.dtype))
     if stop.is_set():
         print("interrupted before extraction started; nothing was written", file=sys.stderr)
         return 128 + received[0]
-    s = extract(inputs, args.output, model, variables, model_name=args.model,
-                batch_size=defaults.batch_size, parallel=args.parallel,
-                outputs=[o.strip() for o in args.outputs.split(",") if o.strip()],
-                workers=args.workers, backend=args.backend, resume=args.resume, verify=args.verify,
-                shard_size=args.shard_size, storage_dtype=args.storage_dtype,
-                storage_options=args.storage_options, path_column=args.path_column,
-                progress=not args.no_progress, stop=stop)
+    s = extract(inputs, args.output, model, variables, cfg, model_name=args.model,
+                storage_options=args.storage_options, stop=stop)
     if s["interrupted"]:
         if jax.process_index() == 0:
             print(f"interrupted: {s['finished_units']} of {s['units']} units finished and kept in {args.output}; "

@@ -5,31 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 
-from .options import (add_distributed_options, add_dtype_option, add_model_options, distributed, dtype_of,
-                      load_model, positive_int, report_errors)
+from .options import (add_config_flags, add_distributed_options, add_dtype_option, add_model_options, distributed,
+                      dtype_of, load_model, positive_int, report_errors)
 
 DEFAULT_BATCH = 32
 DEFAULT_DROP_PATH = 0.1
-
-
-def _train_config_flags(p) -> None:
-    """One flag per TrainConfig field, with its default and help: one source for both (values are
-    checked by TrainConfig itself). Flags left out stay None, so --recipe can tell them apart."""
-    from ..finetune import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        kind = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
-        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        kw = dict(dest=f.name, default=None, type=kind[0], help=f"{f.metadata['help']} (default: {default})")
-        if isinstance(f.default, tuple):
-            kw.update(nargs=len(f.default), metavar=("MIN", "MAX"))
-        if f.metadata.get("choices"):
-            kw.update(choices=f.metadata["choices"])
-        p.add_argument(flag, **kw)
 
 
 def register(sub) -> None:
@@ -61,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--drop-path", type=float, default=None,
                    help=f"stochastic depth rate (default: {DEFAULT_DROP_PATH}; --recipe beit: by model size)")
-    _train_config_flags(p)
+    from ..finetune import TrainConfig
+
+    add_config_flags(p, TrainConfig, none_defaults=True)
     p.add_argument("--workers", type=positive_int, default=2, help="decode threads per host (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
     p.add_argument("--eval-every", type=positive_int, default=None,

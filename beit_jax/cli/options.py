@@ -47,6 +47,52 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def comma_list(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_config_flags(p, config_cls, *, none_defaults: bool = False) -> None:
+    """A flag per field of a config dataclass (`beit_jax._config.option`): `--field-name` or the
+    field's own flag, its help and default from the field, so the library and the CLI have one
+    source. Ints with a minimum are checked when parsing; everything else by the config itself.
+    none_defaults: flags left out stay None (finetune's --recipe tells them apart)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
+        default = None if none_defaults else f.default
+        shown = "" if f.default is None else f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
+        kw = dict(dest=f.name, default=default, help=meta["help"] + shown)
+        if hints[f.name] is bool:
+            kw.update(action="store_false" if f.default else "store_true", help=meta["help"])
+            kw["default"] = None if none_defaults else f.default
+        elif isinstance(f.default, tuple) and Ellipsis in typing.get_args(hints[f.name]):
+            kw.update(type=comma_list, help=meta["help"] + f" (default: {','.join(f.default)})")
+        elif isinstance(f.default, tuple):
+            kw.update(type=kinds[0], nargs=len(f.default), metavar=("MIN", "MAX"))
+        elif meta.get("minimum") is not None and kinds[0] is int:
+            kw.update(type=positive_int if meta["minimum"] == 1 else non_negative_int)
+        else:
+            kw.update(type=kinds[0])
+        if meta.get("choices"):
+            kw.update(choices=meta["choices"])
+        p.add_argument(flag, **kw)
+
+
+def config_from_args(args, config_cls, **fixed):
+    """The config the flags made (add_config_flags), with `fixed` fields set by the caller."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    return config_cls(**dict(values, **fixed))
+
+
 def json_object(text: str) -> dict:
     import json
 

@@ -1,0 +1,141 @@
+"""What SRC names becomes rows: webdataset tar members, cut shards, table columns, folders of tables.
+
+Every input a source names gives a row or a failed.jsonl entry; none disappears. Runs in-process on
+the tiny model (no process boundary is under test)."""
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import beit_jax
+from beit_jax.extract import extract, read_failures, read_features
+from beit_jax.sources import list_inputs
+from tests.support import TINY, cli
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return beit_jax.create_model(TINY, num_classes=0)
+
+
+@pytest.fixture(scope="module")
+def photos(imagenet_dir):
+    return sorted(imagenet_dir.iterdir())[:6]
+
+
+def _tar(path, members):
+    """A tar of (member name, file) pairs, in that order."""
+    with tarfile.open(path, "w") as tf:
+        for name, src in members:
+            data = src.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _run(tiny, src, out, **kw):
+    model, variables = tiny
+    summary = extract(src, str(out), model, variables, batch_size=4, progress=False, **kw)
+    paths, feats = read_features(out)
+    return summary, paths, feats, read_failures(out)
+
+
+# ---- webdataset tar members ---------------------------------------------------------------------
+def test_images_sharing_a_key_are_a_row_each(tiny, photos, tmp_path):
+    """`frame.0001.jpg, frame.0002.jpg` share webdataset's key `frame`, and `000.jpg` + `000.png` are
+    one sample with two image members: a row per image member, ids naming the member (N images in
+    were 1 row out, silently)."""
+    shard = _tar(tmp_path / "s.tar", [("frame.0001.jpg", photos[0]), ("frame.0002.jpg", photos[1]),
+                                      ("000.jpg", photos[2]), ("000.png", photos[3]), ("000.cls", photos[4]),
+                                      ("001.jpg", photos[5])])
+    _, paths, feats, failed = _run(tiny, str(shard), tmp_path / "o")
+    assert [p.split("/")[-1] for p in paths] == ["frame.0001.jpg", "frame.0002.jpg", "000.jpg", "000.png", "001"]
+    assert failed == []
+    _, _, f1, _ = _run(tiny, [str(photos[i]) for i in (0, 1, 2, 3, 5)], tmp_path / "files")
+    np.testing.assert_array_equal(feats, f1)  # each row is its own image
+
+
+def test_a_repeated_member_name_is_recorded_not_dropped(tiny, photos, tmp_path):
+    shard = _tar(tmp_path / "d.tar", [("000.jpg", photos[0]), ("000.jpg", photos[1]), ("001.jpg", photos[2])])
+    _, paths, _, failed = _run(tiny, str(shard), tmp_path / "o")
+    assert [p.split("/")[-1] for p in paths] == ["000", "001"]
+    assert len(failed) == 1 and failed[0]["path"].endswith("/000.jpg#2")
+    assert "appears again in the same sample" in failed[0]["error"]
+
+
+@pytest.mark.parametrize("where,kept", [
+    ("inside a header", 2), ("at a member boundary", 2), ("inside the padding", 2), ("inside a member", 1),
+    ("before the end blocks", 3),
+])
+def test_a_cut_shard_keeps_every_complete_sample_and_records_the_cut(where, kept, tiny, photos, tmp_path):
+    """A shard cut inside a header lost its tail with no failed.jsonl entry; one cut inside a
+    member's padding dropped the complete sample before the cut."""
+    good = _tar(tmp_path / "good.tar", [(f"{i:03d}.jpg", photos[i]) for i in range(3)])
+    with tarfile.open(good) as tf:
+        m = tf.getmembers()
+    end_of = [x.offset_data + x.size + (-x.size % 512) for x in m]
+    cut = {"inside a header": m[2].offset + 100, "at a member boundary": m[2].offset,
+           "inside the padding": m[1].offset_data + m[1].size + 3, "inside a member": m[1].offset_data + 10,
+           "before the end blocks": end_of[2]}[where]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "cut.tar").write_bytes(good.read_bytes()[:cut])
+    _, paths, _, failed = _run(tiny, str(tmp_path / "shards" / "cut.tar"), tmp_path / "o")
+    assert [p.split("/")[-1] for p in paths] == [f"{i:03d}" for i in range(kept)]
+    assert len(failed) == 1 and failed[0]["path"].endswith("cut.tar#unreadable"), failed
+    assert "the complete samples before it were kept" in failed[0]["error"]
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def test_table_columns_of_different_types_get_one_type(tiny, photos, tmp_path):
+    """A CSV whose captions are all numbers beside one with text crashed the parquet writer after
+    the model ran (and on --resume): one type per column for the run, said loudly."""
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["url", "caption", "score"], [photos[0], 123, 1], [photos[1], 456, 2]])
+    with open(tmp_path / "b.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["url", "caption", "score"], [photos[2], "a cat", 0.5], [photos[3], "", 0.25]])
+    with pytest.warns(UserWarning, match=r"column 'caption' is string in .*b\.csv but int64 in an earlier "
+                                         r"table: it is written as string"):
+        _, paths, _, _ = _run(tiny, str(tmp_path / "*.csv"), tmp_path / "o", shard_size=2)
+    assert len(paths) == 4
+    tables = [pq.read_table(p) for p in sorted((tmp_path / "o" / "metadata").iterdir())]
+    assert all(t.schema == tables[0].schema for t in tables)  # one schema, as the consumers need
+    assert tables[0].schema.field("caption").type == pa.string()
+    assert tables[0].schema.field("score").type == pa.float64()
+    assert pa.concat_tables(tables).column("caption").to_pylist() == ["123", "456", "a cat", ""]
+    assert pa.concat_tables(tables).column("score").to_pylist() == [1.0, 2.0, 0.5, 0.25]
+
+
+def test_a_folder_of_tables_reads_the_tables(tiny, photos, tmp_path):
+    """`beit-jax extract dir_of_parquets/` (an img2dataset URL-table folder) found 'no images'."""
+    (tmp_path / "tables").mkdir()
+    for i, part in enumerate((photos[:2], photos[2:5])):
+        pq.write_table(pa.table({"url": [str(p) for p in part], "n": list(range(len(part)))}),
+                       tmp_path / "tables" / f"part-{i:05d}.parquet")
+    res = cli("extract", tmp_path / "tables", "--output", tmp_path / "o", "--model", TINY, "--random-weights",
+              "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert read_features(tmp_path / "o")[0] == [str(p) for p in photos[:5]]
+    assert list_inputs(str(tmp_path / "tables")).columns == ["n"]
+    (tmp_path / "empty").mkdir()
+    res = cli("extract", tmp_path / "empty", "--output", tmp_path / "o2", "--model", TINY, "--random-weights")
+    assert res.returncode == 2 and f"no images found in {tmp_path / 'empty'} (looked for" in res.stderr
+
+
+def test_a_folder_of_images_ignores_its_tables(photos, tmp_path):
+    """Images beside a table: the folder's images, as before (the table is not read)."""
+    (tmp_path / "mixed").mkdir()
+    for p in photos[:2]:
+        (tmp_path / "mixed" / p.name).write_bytes(p.read_bytes())
+    pq.write_table(pa.table({"url": [str(photos[3])]}), tmp_path / "mixed" / "other.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        items = list_inputs(str(tmp_path / "mixed")).items
+    assert sorted(r.id.split("/")[-1] for r in items) == sorted(p.name for p in photos[:2])
