@@ -63,18 +63,19 @@ def test_wrong_mapping_would_be_caught():
 
 @pytest.mark.parametrize("global_pool", ["avg", "token", ""])
 def test_pooling_and_num_classes_zero(global_pool):
-    name = "beit_base_patch16_224"
-    tm = timm_model(name, num_classes=0, global_pool=global_pool)
-    model, _ = beit_jax.create_model(name, num_classes=0, global_pool=global_pool)
+    """Pooling and the final norm against timm (on the tiny BEiT: the same code at any size; the
+    full-size parity is test_logits_and_features_match_timm)."""
+    tm = timm_model(TINY, num_classes=0, global_pool=global_pool)
+    model, _ = beit_jax.create_model(TINY, num_classes=0, global_pool=global_pool)
     variables = beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
-    x = random_images(2, 224, seed=1)
+    x = random_images(2, 64, seed=1)
     with torch.no_grad():
         ref = tm(to_nchw(x)).numpy()
         ref_pre = tm.forward_head(tm.forward_features(to_nchw(x)), pre_logits=True).numpy()
     out = _jit_apply(model)(variables, x)
     tokens = _jit_apply(model, "forward_features")(variables, x)
     pre = _jit_apply(model, "forward_head", pre_logits=True)(variables, tokens)
-    expected_shape = (2, 768) if global_pool else (2, 197, 768)
+    expected_shape = (2, 64) if global_pool else (2, 17, 64)
     assert out.shape == expected_shape
     assert max_abs(out, ref) < TOL and max_abs(pre, ref_pre) < TOL
     # the final norm sits where timm puts it: fc_norm for avg, norm otherwise
@@ -175,28 +176,28 @@ def test_shared_rel_pos_bias_and_abs_pos_embed_options(tmp_path):
 
 
 def test_no_recompilation_for_fixed_shape():
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=10)
+    model, variables = beit_jax.create_model(TINY, num_classes=10)
     fwd = jax.jit(model.apply)
     for seed in range(3):
-        fwd(variables, random_images(2, 224, seed=seed)).block_until_ready()
+        fwd(variables, random_images(2, 64, seed=seed)).block_until_ready()
     assert fwd._cache_size() == 1
 
 
 def test_wrong_input_size_is_a_clear_error():
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0)
-    with pytest.raises(ValueError, match="img_size=256"):
-        model.apply(variables, jnp.zeros((1, 256, 256, 3)))
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    with pytest.raises(ValueError, match="input is 96x96 but the model was built for 64x64; create it with img_size=96"):
+        model.apply(variables, jnp.zeros((1, 96, 96, 3)))
 
 
 def test_dropout_and_drop_path_need_rng_and_change_output():
-    model, variables = beit_jax.create_model("beit_base_patch16_224", num_classes=0, drop_path_rate=0.5)
-    x = random_images(4, 224, seed=7)
+    model, variables = beit_jax.create_model(TINY, num_classes=0, drop_path_rate=0.5)
+    x = random_images(4, 64, seed=7)
     eval_out = model.apply(variables, x)
     train_a = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     train_b = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
     assert max_abs(train_a, eval_out) > 1e-3 and max_abs(train_a, train_b) > 1e-3
     # drop_path_rate=0 is the identity even in training mode
-    plain, _ = beit_jax.create_model("beit_base_patch16_224", num_classes=0)
+    plain, _ = beit_jax.create_model(TINY, num_classes=0)
     same = plain.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert max_abs(same, eval_out) < 1e-6
 
@@ -299,13 +300,13 @@ def test_attention_maps_match_timm():
 def test_cast_for_inference_is_exact():
     from beit_jax import cast_for_inference
 
-    model, variables = beit_jax.create_model("beit_base_patch16_224", dtype=jnp.bfloat16)
+    model, variables = beit_jax.create_model(TINY, dtype=jnp.bfloat16)
     cast = cast_for_inference(model, variables)
     p = cast["params"]
     assert p["blocks_0"]["attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
     assert p["blocks_0"]["norm1"]["scale"].dtype == jnp.float32
     assert p["blocks_0"]["attn"]["relative_position_bias_table"].dtype == jnp.float32
-    x = random_images(2, 224, seed=14)
+    x = random_images(2, 64, seed=14)
     fwd = jax.jit(model.apply)
     assert np.array_equal(np.asarray(fwd(variables, x), np.float32), np.asarray(fwd(cast, x), np.float32))
 
