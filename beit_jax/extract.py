@@ -180,12 +180,12 @@ class Manifest:
     IDENTITY_KEYS = ("format", "model", "weights_sha256", "outputs", "dtype", "storage_dtype", "img_size",
                      "data_config", "num_inputs", "inputs_sha256", "rows_per_unit", "rows_per_part", "columns")
 
-    # What the user changes to change a field (for refusals).
-    FLAGS = {"model": "--model", "weights_sha256": "--checkpoint / the weights", "outputs": "--outputs",
-             "dtype": "--dtype", "storage_dtype": "--storage-dtype", "img_size": "--img-size / the model",
-             "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
-             "rows_per_unit": "--shard-size", "rows_per_part": "--outputs",
-             "columns": "SRC (table columns)", "format": "the beit-jax version"}
+    # What the user changes to change a field (for refusals; the CLI says the flags).
+    CHANGED_BY = {"model": "`model`", "weights_sha256": "the weights (`checkpoint_path`)", "outputs": "`outputs`",
+                  "dtype": "`dtype`", "storage_dtype": "`storage_dtype`", "img_size": "`img_size` / the model",
+                  "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
+                  "rows_per_unit": "`shard_size`", "rows_per_part": "`outputs`",
+                  "columns": "SRC (table columns)", "format": "the beit-jax version"}
 
     def __init__(self, folder: Folder, fields: Dict[str, Any]):
         self.folder, self.fields = folder, fields
@@ -217,25 +217,25 @@ class Manifest:
         existing = read_manifest(self.folder)
         diffs = [k for k in self.IDENTITY_KEYS if existing.get(k) != self.fields.get(k)]
         if diffs:
-            detail = "; ".join(f"{k} ({self.FLAGS.get(k, k)}): folder has {existing.get(k)!r}, this run "
+            detail = "; ".join(f"{k} ({self.CHANGED_BY.get(k, k)}): folder has {existing.get(k)!r}, this run "
                                f"{self.fields.get(k)!r}" if k not in ("weights_sha256", "inputs_sha256")
-                               else f"{k} ({self.FLAGS[k]}) differs" for k in diffs)
+                               else f"{k} ({self.CHANGED_BY[k]}) differs" for k in diffs)
             raise OutputMismatchError(
-                f"{url} holds outputs of a different run: {detail}. Use another --output folder; to resume, "
-                f"rerun with the same {', '.join(dict.fromkeys(self.FLAGS.get(k, k) for k in diffs))}.")
+                f"{url} holds outputs of a different run: {detail}. Use another `output_dir`; to resume, "
+                f"rerun with the same {', '.join(dict.fromkeys(self.CHANGED_BY.get(k, k) for k in diffs))}.")
         if not resume and existing.get("status") != "complete":
-            raise OutputMismatchError(f"{url} holds an unfinished run of the same config: pass --resume to "
-                                      f"continue it, or use another --output folder")
+            raise OutputMismatchError(f"{url} holds an unfinished run of the same config: pass `resume=True` to "
+                                      f"continue it, or use another `output_dir`")
         if not resume:
-            raise OutputMismatchError(f"{url} already holds a complete run; pass --resume to reuse it "
-                                      f"(nothing to do) or use another --output folder")
+            raise OutputMismatchError(f"{url} already holds a complete run; pass `resume=True` to reuse it "
+                                      f"(nothing to do) or use another `output_dir`")
 
     def finalize(self, num_units: int) -> Dict[str, Any]:
         """Gather every unit's failures into failed.jsonl and mark the run complete."""
         done, problems = finished_units(self.folder)
         if len(done) != num_units or problems:
             raise CorruptOutputError(f"{self.folder.url}: {len(done)} of {num_units} units finished "
-                                     f"({'; '.join(problems[:3]) or 'a process did not finish'}); rerun with --resume")
+                                     f"({'; '.join(problems[:3]) or 'a process did not finish'}); rerun with `resume=True`")
         failed = [f for u in sorted(done) for f in done[u]["failed"]]
         rows = sum(m["rows"] for m in done.values())
         self.folder.write(FAILED, "".join(json.dumps(f) + "\n" for f in failed).encode())
@@ -525,7 +525,7 @@ def _run(job: _Job) -> Dict[str, Any]:
     except StorageFullError as e:
         raise StorageFullError(e.errno, f"{e.strerror}. {tracker.closed} of this process's {len(todo)} units "
                                f"were finished and are kept: free space, then run the same command with "
-                               f"--resume to continue") from e
+                               f"`resume=True` to continue") from e
     finally:
         refs.close()
         if bar is not None:

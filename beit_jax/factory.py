@@ -134,5 +134,5 @@ def _export_name(name: str, saved: Dict[str, Any], path) -> str:
     if arch != exported_arch:
         raise ValueError(f"{os.fspath(path)} was exported from {exported}, not {name}: loading it as {arch} "
                          f"would run it with another architecture's layers or data config (mean/std, crop). "
-                         f"Use --model {exported} (create_model('{exported}', ...)).")
+                         f"Use `model={exported}` (create_model('{exported}', ...)).")
     return name if "." in name else exported

@@ -255,7 +255,7 @@ def recipe_settings(name: str, model, num_train_images: int, batch_size: Optiona
     steps_per_epoch = num_train_images // batch
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train_images} training images is less than one batch of {batch}: pass a smaller "
-                         f"--batch-size")
+                         f"`batch_size`")
     total = steps or int(r["epochs"] * steps_per_epoch)
     warmup = int(round(total * r["warmup_epochs"] / r["epochs"]))
     cfg = dict(RECIPE_COMMON, lr=r["lr"] * batch / RECIPE_BATCH, layer_decay=r["layer_decay"],
@@ -608,7 +608,7 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
                 kept = (f"the last good checkpoint ({ckpt}, step {_saved_step(ckpt)}) is kept"
                         if main and os.path.exists(ckpt) else "no checkpoint had been written yet")
                 raise TrainingDivergedError(
-                    f"the loss or the parameters became non-finite at step {step + 1} (loss {m['loss']}): training diverged (is --lr {cfg.lr} too high, "
+                    f"the loss or the parameters became non-finite at step {step + 1} (loss {m['loss']}): training diverged (is `lr={cfg.lr}` too high, "
                     f"or an input broken?). Stopped before saving anything of that step; {kept}; nothing was "
                     f"exported.")
             last = dict(step=step + 1, epoch=b.epoch, **m)
@@ -650,11 +650,11 @@ def _saved_step(path: str) -> int:
 
 
 def _check_output(output_dir: str, resume: bool) -> str:
-    """Why this output folder must not be written without --resume ('' if it may)."""
+    """Why this output folder must not be written without resume ('' if it may)."""
     ours = [n for n in ("checkpoint.msgpack", "metrics.jsonl", "model.msgpack") if os.path.exists(os.path.join(output_dir, n))]
     if ours and not resume:
-        return (f"{output_dir} already holds a fine-tuning run ({', '.join(ours)}): pass --resume to continue it, "
-                f"or use another --output folder (nothing was changed)")
+        return (f"{output_dir} already holds a fine-tuning run ({', '.join(ours)}): pass `resume=True` to continue it, "
+                f"or use another `output_dir` (nothing was changed)")
     return ""
 
 
@@ -663,8 +663,8 @@ def _classes_mismatch(path: str, saved: Optional[List[str]], now: List[str]) -> 
         return ""
     gone, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
     how = (f"missing now: {gone[:10]}; new: {new[:10]}" if gone or new else "the same names in another order")
-    return (f"{path} was trained on other classes than --train has now ({how}): labels would mean other "
-            f"classes. Use another --output folder, or the same training classes")
+    return (f"{path} was trained on other classes than `train_dir` has now ({how}): labels would mean other "
+            f"classes. Use another `output_dir`, or the same training classes")
 
 
 def _val_by_train_classes(val_dir: str, classes: List[str]):
@@ -673,7 +673,7 @@ def _val_by_train_classes(val_dir: str, classes: List[str]):
     unknown = [c for c in val_classes if c not in classes]
     if unknown:
         raise ValueError(f"{val_dir} has classes the training set does not have: {unknown[:10]} (the model "
-                         f"could never predict them); remove them or add them to --train")
+                         f"could never predict them); remove them or add them to `train_dir`")
     index = {c: i for i, c in enumerate(classes)}
     return refs, np.asarray([index[val_classes[label]] for label in labels], np.int32), val_classes
 
@@ -687,8 +687,8 @@ def _settings_mismatch(path: str, saved: Optional[Dict[str, Any]], now: Dict[str
             if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(now.get(k)))]
     if not diff:
         return ""
-    return (f"{path} was written with other settings ({'; '.join(diff)}): resume with the same flags, "
-            f"or start a new --output")
+    return (f"{path} was written with other settings ({'; '.join(diff)}): resume with the same settings, "
+            f"or start a new `output_dir`")
 
 
 def _truncate_metrics(path: str, step: int) -> None:

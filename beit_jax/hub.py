@@ -17,7 +17,7 @@ def download_pretrained(cfg: PretrainedCfg, filename: str = "model.safetensors")
     if not cfg.has_weights:
         raise PretrainedUnavailableError(
             f"{cfg.name} has no published weights (timm lists it untrained); create it with "
-            f"pretrained=False, or pass checkpoint_path= (CLI: --checkpoint FILE)")
+            f"pretrained=False, or pass `checkpoint_path=FILE`")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -26,5 +26,5 @@ def download_pretrained(cfg: PretrainedCfg, filename: str = "model.safetensors")
         raise PretrainedUnavailableError(
             f"could not get {filename} of {cfg.hf_hub_id} from the Hugging Face Hub or its cache "
             f"({type(e).__name__}: {e}). Either connect to the Hub once (the file is then cached "
-            f"under HF_HOME), copy a timm checkpoint here and pass checkpoint_path= (CLI: "
-            f"--checkpoint FILE), or point HF_HOME/HF_HUB_CACHE at a cache that holds it.") from e
+            f"under HF_HOME), copy a timm checkpoint here and pass "
+            f"`checkpoint_path=FILE`, or point HF_HOME/HF_HUB_CACHE at a cache that holds it.") from e

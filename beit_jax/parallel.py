@@ -69,10 +69,10 @@ class InferenceDefaults:
         return self.platform != "cpu"
 
     def dtype_note(self) -> str:
-        """'bfloat16 (default on cuda; --dtype float32 for full precision)', or just the dtype when chosen."""
+        """'bfloat16 (default on cuda; `dtype=float32` for full precision)', or just the dtype when chosen."""
         if not self.dtype_is_default or not self.accelerator:
             return self.dtype
-        return f"{self.dtype} (default on {self.platform}; --dtype float32 for full precision)"
+        return f"{self.dtype} (default on {self.platform}; `dtype=float32` for full precision)"
 
 
 def inference_defaults(dtype: Optional[str] = None, batch_size: Optional[int] = None, *,
@@ -90,7 +90,7 @@ def inference_defaults(dtype: Optional[str] = None, batch_size: Optional[int] = 
     if accelerator and batch_size < SMALL_BATCH_PER_DEVICE * num_devices:
         full = ACCELERATOR_BATCH_PER_DEVICE * num_devices
         hint = (f"hint: batch {batch_size} is {batch_size / num_devices:g} images per device on {num_devices} "
-                f"{platform} device(s), too few to keep them busy; --batch-size {full} "
+                f"{platform} device(s), too few to keep them busy; `batch_size={full}` "
                 f"({ACCELERATOR_BATCH_PER_DEVICE} per device) is the default")
     return InferenceDefaults(platform=platform, num_devices=num_devices,
                              dtype=dtype or ("bfloat16" if accelerator else "float32"), dtype_is_default=dtype is None,
@@ -243,7 +243,7 @@ def any_process(flag: bool) -> bool:
 
 def broadcast_from_process_0(tree: Any) -> Any:
     """Process 0's copy of a pytree of host arrays, on every process (identity with one): what
-    process 0 read from disk (a checkpoint on --resume) becomes everyone's."""
+    process 0 read from disk (a checkpoint on resume) becomes everyone's."""
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils

@@ -4,7 +4,7 @@
   OUT/metadata/<stem>.parquet     same stem and row order: id, path, passed-through table columns
   OUT/units/<unit>.json           written last for each unit of work: its parts (rows, bytes,
                                   sha256 of every file) and its failed inputs. A unit without it
-                                  is unfinished and is redone by --resume.
+                                  is unfinished and is redone by a resume.
   OUT/manifest.json, OUT/failed.jsonl   (extract.py)
 
 Stems are '<unit:07d>-<part:04d>' and sort in input order. A unit's rows are split into parts of at
@@ -207,7 +207,7 @@ def _verified(folder: Folder, rel: str, info: Dict[str, Any]) -> bytes:
     if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise CorruptOutputError(f"{folder.url_of(rel)} does not match what was written ({len(data)} bytes, "
                                  f"expected {info['bytes']}, or its sha256 differs): run the same extract "
-                                 f"command with --resume --verify, which redoes the damaged units")
+                                 f"command with `resume=True, verify=True`, which redoes the damaged units")
     return data
 
 
@@ -241,7 +241,7 @@ def read_features(output_dir: str, output: Optional[str] = None, *, storage_opti
         msg = (f"{output_dir} is unfinished ({len(done)} of {manifest.get('num_units', '?')} units done"
                f"{'; ' + '; '.join(problems[:5]) if problems else ''})")
         if not allow_partial:
-            raise CorruptOutputError(msg + ": finish it with `beit-jax extract ... --resume`, or pass "
+            raise CorruptOutputError(msg + ": finish it with extract(..., resume=True) (beit-jax extract --resume), or pass "
                                            "allow_partial=True to read the finished units")
         warnings.warn(msg + ": returning the finished units only", stacklevel=2)
     ids, paths, feats = [], [], []

@@ -284,7 +284,7 @@ def _read_table(fs, path: str, storage_options, path_column: Optional[str], out:
     if col is None or col not in names:
         wanted = repr(path_column) if path_column else " or ".join(PATH_COLUMNS)
         raise ValueError(f"{unstrip(fs, path)}: no {wanted} column (it has {', '.join(names)}); "
-                         f"name the column with --path-column")
+                         f"name the column with `path_column`")
     rest = [c for c in names if c != col]
     renamed = {c: (f"input_{c}" if c in RESERVED_COLUMNS else c) for c in rest}
     for c in rest:

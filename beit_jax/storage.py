@@ -128,14 +128,14 @@ class Folder:
             head = os.path.dirname(head)
         if not os.path.isdir(head):
             what = "" if head == os.path.abspath(self.root) else f" is inside {head}, which"
-            raise NotADirectoryError(f"--output {self.root}{what} is a file, not a folder: choose a folder")
+            raise NotADirectoryError(f"`output_dir` {self.root}{what} is a file, not a folder: choose a folder")
         probe = temp_name(os.path.join(head, "write-probe"))
         try:
             with open(probe, "wb") as f:
                 f.write(b"")
             os.remove(probe)
         except OSError as e:
-            raise PermissionError(f"cannot write to --output {self.root} ({e.strerror or e}): choose a "
+            raise PermissionError(f"cannot write to `output_dir` {self.root} ({e.strerror or e}): choose a "
                                   f"folder you can write to") from e
 
     def read(self, rel: str) -> bytes:
@@ -206,7 +206,7 @@ class WriterLock:
                 finally:
                     os.close(fd)
                 raise OutputLockedError(f"{self.folder.url} is being written by another beit-jax extract "
-                                        f"({self._describe(info)}); wait for it to finish, or use another --output")
+                                        f"({self._describe(info)}); wait for it to finish, or use another `output_dir`")
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(dict(self.owner, since=time.time())).encode(), 0)
             self._fd = fd
@@ -225,14 +225,14 @@ class WriterLock:
             if info and age < LOCK_STALE_S and not dead_here:
                 raise OutputLockedError(
                     f"{self.folder.url} is being written by another beit-jax extract ({self._describe(info)}, "
-                    f"last heartbeat {age:.0f}s ago); wait for it to finish or use another --output. A lock left by "
+                    f"last heartbeat {age:.0f}s ago); wait for it to finish or use another `output_dir`. A lock left by "
                     f"a killed run on another host expires {LOCK_STALE_S:.0f}s after its last heartbeat.")
         self._write_remote()
         time.sleep(0.2)  # two writers racing for a free lock: the later write wins, the other sees it
         info = json.loads(self.folder.read(LOCK_NAME))
         if info.get("token") != self.owner["token"]:
             raise OutputLockedError(f"{self.folder.url} was just taken by another beit-jax extract "
-                                    f"({self._describe(info)}); use another --output")
+                                    f"({self._describe(info)}); use another `output_dir`")
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="beit-jax-lock")
         self._thread.start()
 

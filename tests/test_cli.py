@@ -1,12 +1,14 @@
-"""The `beit-jax` command as a user runs it (a real subprocess)."""
+"""The `beit-jax` command as a user runs it (a real subprocess where a process boundary matters)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import beit_jax
 from beit_jax import checkpoints
 from tests.support import TINY, cli, run_cli, timm_model, timm_state_dict
 
@@ -53,3 +55,24 @@ def test_bench_reports_throughput_and_what_ran():
     assert "attention: xla (cuDNN attention needs an NVIDIA GPU" in res.stdout  # asked for, said why not
     assert res.stderr.count("attn_impl='cudnn' cannot run here") == 1  # one warning, not one per layer
     assert "whole batch" in res.stdout and "micro-batches of 8" in res.stdout  # batch 2 / batch 16
+
+
+def test_library_errors_name_parameters_and_the_command_says_flags(tmp_path, imagenet_dir):
+    """The library speaks Python (`shard_size`, `resume=True`); the command maps those names to
+    its flags in one place (cli.options.to_cli), so a Python user is never told to pass --resume."""
+    from beit_jax.cli.options import to_cli
+    from beit_jax.extract import OutputMismatchError, extract
+
+    src = [str(p) for p in sorted(imagenet_dir.iterdir())[:2]]
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    extract(src, str(tmp_path / "o"), model, variables, shard_size=8, progress=False)
+    with pytest.raises(OutputMismatchError) as e:
+        extract(src, str(tmp_path / "o"), model, variables, shard_size=4, progress=False)
+    said = str(e.value)
+    assert "rows_per_unit (`shard_size`): folder has 8, this run 4" in said and "--" not in said
+    res = cli("extract", *src, "--output", tmp_path / "o", "--model", TINY, "--random-weights", "--num-classes",
+              "0", "--shard-size", "4", "--no-progress")
+    assert res.returncode == 2 and "rows_per_unit (--shard-size): folder has 8, this run 4" in res.stderr
+    assert "another --output" in res.stderr and "`" not in res.stderr
+    assert to_cli("pass `resume=True, verify=True` or `batch_size=96`; `unknown_name` stays") == \
+        "pass --resume --verify or --batch-size 96; `unknown_name` stays"

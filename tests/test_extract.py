@@ -115,7 +115,7 @@ def test_refuses_to_mix_runs_in_one_folder(imagenet_dir, tmp_path):
     other = jax_tree_add(variables, 1e-3)
     with pytest.raises(OutputMismatchError, match="weights_sha256"):
         extract(src, str(tmp_path / "o"), model, other, batch_size=4, progress=False, resume=True)
-    with pytest.raises(OutputMismatchError, match="outputs \\(--outputs\\): folder has \\['pooled'\\], this run \\['tokens'\\]"):
+    with pytest.raises(OutputMismatchError, match="outputs \\(`outputs`\\): folder has \\['pooled'\\], this run \\['tokens'\\]"):
         extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True,
                 outputs=["tokens"])
 

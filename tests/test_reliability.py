@@ -77,7 +77,7 @@ def test_export_under_another_architecture_is_refused(tmp_path):
     model, variables = beit_jax.create_model("beitv2_base_patch16_224", num_classes=3, depth=1)
     mp, _ = beit_jax.save_flax_checkpoint(variables, model, tmp_path / "v2")
     with pytest.raises(ValueError, match=r"exported from beitv2_base_patch16_224\.in1k_ft_in22k_in1k, not "
-                                         r"beit_base_patch16_224.*--model beitv2_base_patch16_224"):
+                                         r"beit_base_patch16_224.*`model=beitv2_base_patch16_224`"):
         beit_jax.create_model("beit_base_patch16_224", checkpoint_path=mp, depth=1)
     again, _ = beit_jax.create_model("beitv2_base_patch16_224", checkpoint_path=mp, depth=1)
     assert again.pretrained_cfg.mean == (0.485, 0.456, 0.406)  # v2's data config, kept
@@ -309,7 +309,7 @@ def test_truncated_and_altered_files_are_found(imagenet_dir, tmp_path):
     data = bytearray(npy[2].read_bytes())
     data[-1] ^= 0x55  # same size, one bit pattern changed
     npy[2].write_bytes(bytes(data))
-    with pytest.raises(CorruptOutputError, match=r"0000002-0000\.npy does not match what was written.*--resume --verify"):
+    with pytest.raises(CorruptOutputError, match=r"0000002-0000\.npy does not match what was written.*`resume=True, verify=True`"):
         read_features(out)
     res = _extract_cli(src, "--output", out, "--batch-size", "4", "--shard-size", "4", "--resume", "--verify")
     assert res.returncode == 0 and "sha256 differs" in res.stderr

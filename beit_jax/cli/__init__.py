@@ -12,7 +12,7 @@ import warnings
 from typing import List, Optional
 
 from . import bench, classify, convert, extract, finetune
-from .options import report_errors
+from .options import report_errors, to_cli
 
 COMMANDS = (classify, extract, convert, finetune, bench)
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings as the command's own `warning: ...` lines (no source file and line)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {to_cli(message)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """`beit-jax bench`: forward throughput of a model on this machine's devices."""
 from __future__ import annotations
 
-from .options import add_dtype_option, positive_int
+from .options import add_dtype_option, positive_int, to_cli
 
 
 def register(sub) -> None:
@@ -39,14 +39,14 @@ def run(args) -> int:
                                   else [1, 8, 32])
     model, variables = create_model(args.model, dtype=dtype_of(defaults.dtype), attn_impl=args.attn_impl)
     gflop = model.gflop_per_image
-    print(f"{args.model} {defaults.dtype_note()} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
+    print(f"{args.model} {to_cli(defaults.dtype_note())} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
           f"{gflop:.1f} GFLOP/image; {attention_line(model)}")
     dp = parallel.DataParallel("sharded")
     params = dp.replicate(cast_for_inference(model, variables))
     for batch in batches:
         hint = parallel.inference_defaults(args.dtype, batch).hint
         if hint:
-            print(hint)
+            print(to_cli(hint))
         step = dp.inference_step(lambda v, x: model.apply(v, x))
         x = np.random.RandomState(0).randn(batch, model.img_size, model.img_size, 3).astype(np.float32)
         t = time.perf_counter()

@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from .options import (add_config_flags, add_distributed_options, add_dtype_option, add_model_options, attention_line,
-                      config_from_args, distributed, dtype_of, graceful_stop, json_object, load_model, report_errors)
+                      config_from_args, distributed, dtype_of, graceful_stop, json_object, load_model, report_errors,
+                      to_cli)
 
 
 def register(sub) -> None:
@@ -55,7 +56,7 @@ def _run(args, stop, received) -> int:
     cfg = config_from_args(args, ExtractConfig, batch_size=defaults.batch_size)
     inputs = list_inputs(args.src, args.storage_options, cfg.path_column)
     if defaults.hint and jax.process_index() == 0:
-        print(defaults.hint, file=sys.stderr, flush=True)
+        print(to_cli(defaults.hint), file=sys.stderr, flush=True)
     model, variables = load_model(args, dtype=dtype_of(defaults.dtype))
     if stop.is_set():
         print("interrupted before extraction started; nothing was written", file=sys.stderr)
@@ -73,5 +74,5 @@ def _run(args, stop, received) -> int:
               f"{s['seconds']:.1f}s total: waiting for decode {s['decode_wait_s']:.1f}s, "
               f"for the device {s['device_wait_s']:.1f}s, writing {s['write_s']:.1f}s; "
               f"{s['skipped_units']}/{s['units']} units already done")
-        print(f"compute: {defaults.dtype_note()}, batch {s['batch_size']}; {attention_line(model)}")
+        print(f"compute: {to_cli(defaults.dtype_note())}, batch {s['batch_size']}; {attention_line(model)}")
     return 0

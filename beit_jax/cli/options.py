@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
+from typing import Optional
 
 DEFAULT_MODEL = "beit_base_patch16_224"
 
@@ -22,6 +24,52 @@ def user_errors() -> tuple:
             NotADirectoryError, PermissionError, ImportError)
 
 
+# The library's messages name Python parameters in backticks (`resume=True`, `shard_size`); the
+# command says its flags instead. This table and the config dataclasses' fields (flag_table) are
+# the one place that maps them.
+FLAG_OF = {"output_dir": "--output", "checkpoint_path": "--checkpoint", "train_dir": "--train", "val_dir": "--val",
+           "storage_options": "--storage-options", "dtype": "--dtype", "model": "--model", "img_size": "--img-size",
+           "num_classes": "--num-classes"}
+_PARAM = re.compile(r"`([a-z_]+(?:=[^`,]*)?(?:, [a-z_]+(?:=[^`,]*)?)*)`")
+
+
+def _flag_of_field(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def flag_table() -> dict:
+    """{Python parameter: flag}: FLAG_OF plus every ExtractConfig / TrainConfig field's flag."""
+    import dataclasses
+
+    from ..extract import ExtractConfig
+    from ..finetune import TrainConfig
+
+    table = {f.name: _flag_of_field(f) for cls in (ExtractConfig, TrainConfig) for f in dataclasses.fields(cls)
+             if f.metadata.get("cli", True)}
+    return dict(table, **FLAG_OF)
+
+
+def to_cli(message: str) -> str:
+    """A library message as the command says it: each backticked parameter it knows becomes its
+    flag (`resume=True` -> --resume, `batch_size=96` -> --batch-size 96, `shard_size` ->
+    --shard-size); anything else stays as written."""
+    flags = flag_table()
+
+    def flag(token: str) -> Optional[str]:
+        name, eq, value = token.partition("=")
+        if name not in flags:
+            return None
+        if not eq or value == "True":
+            return flags[name]
+        return f"{flags[name]} {value.strip(chr(39))}"
+
+    def sub(m):
+        said = [flag(t) for t in m.group(1).split(", ")]
+        return " ".join(said) if all(said) else m.group(0)
+
+    return _PARAM.sub(sub, str(message))
+
+
 def report_errors(run, args) -> int:
     """run(args), turning an error the user can act on into one `error:` line and exit code 2."""
     try:
@@ -29,7 +77,7 @@ def report_errors(run, args) -> int:
     except Exception as e:
         if not isinstance(e, user_errors()):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {to_cli(e)}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -64,7 +112,7 @@ def add_config_flags(p, config_cls, *, none_defaults: bool = False) -> None:
         meta = f.metadata
         if not meta.get("cli", True):
             continue
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = _flag_of_field(f)
         kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)]
         default = None if none_defaults else f.default
         shown = "" if f.default is None else f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
