@@ -1,0 +1,231 @@
+"""`train`: open the run (refusals, resume), the loop (steps, metrics, checkpoints, validation)
+and the export; `evaluate`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from .. import parallel as par
+from .._io import atomic_write
+from ..checkpoints import save_flax_checkpoint
+from ..data import Decoder, batches, list_image_folder
+from ..transforms import create_transform, resolve_data_config
+from .optim import TrainConfig, make_optimizer
+from .order import batch_mix_rng, eval_slots, train_batches
+from .state import (_check_output, _classes_mismatch, _saved_step, _settings_mismatch, _truncate_metrics,
+                    create_train_state, restore_checkpoint, save_checkpoint)
+from .steps import Trainer, mix_arrays
+
+
+def evaluate(trainer: Trainer, params, refs, labels, batch_size, decoder, image_shape,
+             rows: Optional[slice] = None) -> Dict[str, float]:
+    """Top-1/top-5 and mean loss over the whole val set; every process decodes its rows of each
+    global batch, the counts are summed over the global batch on the devices (exact)."""
+    local = (rows.stop - rows.start) if rows else batch_size
+    loss, hits = 0.0, {"top1": 0, "top5": 0, "count": 0}
+    for hb in batches(refs, eval_slots(len(refs), batch_size, rows), local, decoder, image_shape):
+        lab = labels[hb.indices.clip(0)]
+        out = jax.device_get(trainer.eval_step(params, *trainer.put(hb.images, lab, hb.valid.astype(np.float32))))
+        loss += float(out["loss"])
+        for k in hits:
+            hits[k] += int(out[k])
+    n = max(hits["count"], 1)
+    return {"loss": loss / n, "top1": hits["top1"] / n, "top5": hits["top5"] / n, "count": hits["count"],
+            "top1_hits": hits["top1"], "top5_hits": hits["top5"]}
+
+
+def _settings(cfg: TrainConfig, batch_size: int) -> Dict[str, Any]:
+    return dict(dataclasses.asdict(cfg), batch_size=batch_size, crop_scale=list(cfg.crop_scale))
+
+
+@dataclasses.dataclass
+class _Run:
+    """An opened fine-tuning run: its data, its output folder and the state it continues from."""
+    cfg: TrainConfig
+    batch_size: int
+    output_dir: str
+    main: bool  # process 0: the one that writes
+    log: Callable
+    data_cfg: Dict[str, Any]
+    refs: list
+    labels: np.ndarray
+    classes: List[str]
+    state: Any  # TrainState on the host (fresh, or restored from the checkpoint)
+    settings: Dict[str, Any]
+
+    @property
+    def ckpt(self) -> str:
+        return os.path.join(self.output_dir, "checkpoint.msgpack")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.output_dir, "metrics.jsonl")
+
+
+def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, output_dir: str,
+          batch_size: int = 32, cfg: Optional[TrainConfig] = None, workers: int = 2,
+          checkpoint_every: int = 100, resume: bool = False, max_steps: Optional[int] = None,
+          eval_every: Optional[int] = None, progress: bool = True, log: Callable = print) -> Dict[str, Any]:
+    """Fine-tune `model` on an ImageFolder with a global batch of `batch_size` over every device of
+    every process. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
+    metrics.jsonl} (and model_ema.msgpack with an EMA) from process 0 only; returns the final
+    metrics. max_steps stops early (as a crash would; resume=True continues: process 0 reads the
+    checkpoint and hands it to the others). The export loads with create_model(..., checkpoint_path=).
+
+    Three stages: `_open_run` (refusals, the optimizer, resume), `_loop` (steps, metrics,
+    checkpoints, validation), `_export` (the final weights, once every step is done).
+    """
+    run = _open_run(model, variables, train_dir, output_dir, batch_size, cfg or TrainConfig(), resume, log)
+    state, last = _loop(run, model, val_dir, workers, checkpoint_every, max_steps, eval_every, progress)
+    if int(state.step) >= run.cfg.total_steps and run.main:
+        _export(run, model, state)
+    par.sync("beit_jax.finetune.done")
+    return last
+
+
+def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int, cfg: TrainConfig,
+              resume: bool, log: Callable) -> _Run:
+    """Check everything that can be refused, then the train state: fresh, or the checkpoint's
+    (process 0 reads it, the output folder need not be shared, and hands it on)."""
+    main = jax.process_index() == 0
+    log = log if main else (lambda *a, **k: None)
+    refs, labels, classes = list_image_folder(train_dir)
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{train_dir} has {len(classes)} classes but the model head has {model.num_classes}: "
+                         f"create the model with num_classes={len(classes)}")
+    if batch_size % jax.device_count():
+        raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
+    if main:
+        os.makedirs(output_dir, exist_ok=True)
+    refusal = _check_output(output_dir, resume) if main else ""
+    if not par.all_processes_agree(np.array([not refusal]))[0]:
+        raise ValueError(refusal or "process 0 refused the output folder (see its error)")
+    tx = make_optimizer(model, variables, cfg)
+    state = create_train_state(model, variables, tx, cfg.seed, ema=cfg.model_ema_decay is not None)
+    run = _Run(cfg, batch_size, output_dir, main, log, resolve_data_config(model), refs, labels, classes, state,
+               _settings(cfg, batch_size))
+    found = False
+    if resume:
+        host, status, problem = jax.device_get(state), np.int32(0), ""
+        if main and os.path.exists(run.ckpt):
+            host, extra = restore_checkpoint(run.ckpt, host)
+            problem = (_settings_mismatch(run.ckpt, extra.get("settings"), run.settings)
+                       or _classes_mismatch(run.ckpt, extra.get("classes"), classes))
+            status = np.int32(2 if problem else 1)
+        host, status = par.broadcast_from_process_0((host, status))
+        if int(status) == 2:
+            raise ValueError(problem or "process 0 refused to resume from its checkpoint (see its error)")
+        found = int(status) == 1
+        if found:
+            run.state = host
+            log(f"resumed from {run.ckpt} at step {int(host.step)}")
+            if main:
+                _truncate_metrics(run.metrics_path, int(host.step))
+    if main and not found:
+        _truncate_metrics(run.metrics_path, 0)  # ours: a resumed run that had not reached its first checkpoint
+    return run
+
+
+def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_every: int,
+          max_steps: Optional[int], eval_every: Optional[int], progress: bool):
+    """Steps from the run's state to total_steps (or max_steps): (final state, last metrics).
+    A non-finite loss or parameters stops it before anything of that step is saved."""
+    cfg, batch_size, main, log, data_cfg = run.cfg, run.batch_size, run.main, run.log, run.data_cfg
+    trainer = Trainer(model, cfg, data_cfg["mean"], data_cfg["std"])
+    rows = trainer.dp.process_rows(batch_size)
+    state = trainer.put_state(run.state)
+    size = data_cfg["input_size"][1:]
+    image_shape = (size[0], size[1], 3)
+    train_tf = create_transform(**data_cfg, is_training=True, scale=cfg.crop_scale, hflip=cfg.hflip,
+                                auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode=cfg.remode)
+    eval_tf = create_transform(**data_cfg)
+    mixer = cfg.mixer()
+    val = _val_by_train_classes(val_dir, run.classes) if val_dir else None
+    start = int(state.step)
+    end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.total_steps, initial=start, unit="step", desc="finetune", dynamic_ncols=True)
+    last: Dict[str, Any] = {}
+    failed = 0
+    t0 = time.perf_counter()
+
+    def validate():
+        out = {}
+        with Decoder(eval_tf, workers=workers) as vdec:
+            out["val"] = evaluate(trainer, state.params, val[0], val[1], batch_size, vdec, image_shape, rows)
+            if cfg.model_ema_decay is not None:
+                out["val_ema"] = evaluate(trainer, state.ema_params, val[0], val[1], batch_size, vdec, image_shape, rows)
+        return out
+
+    with Decoder(train_tf, workers=workers, window=2 * (rows.stop - rows.start)) as dec:
+        stream = train_batches(run.refs, run.labels, batch_size, cfg.seed, start, dec, image_shape, rows)
+        for step in range(start, end):
+            b = next(stream)
+            for path, reason in b.errors:  # any process: its own images
+                print(f"warning: training image skipped (weight 0): {reason}", file=sys.stderr, flush=True)
+            failed += len(b.errors)
+            boxes = np.stack([train_tf.erase_box(int(s)) for s in b.seeds]) if cfg.reprob > 0 else None
+            mix = mix_arrays(*mixer.params(batch_mix_rng(cfg.seed, step), *image_shape[:2])) if mixer else None
+            state, m = trainer.step(state, b.images, b.labels, b.weights, boxes, b.seeds, mix)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
+                kept = (f"the last good checkpoint ({run.ckpt}, step {_saved_step(run.ckpt)}) is kept"
+                        if main and os.path.exists(run.ckpt) else "no checkpoint had been written yet")
+                raise TrainingDivergedError(
+                    f"the loss or the parameters became non-finite at step {step + 1} (loss {m['loss']}): training "
+                    f"diverged (is `lr={cfg.lr}` too high, or an input broken?). Stopped before saving anything "
+                    f"of that step; {kept}; nothing was exported.")
+            last = dict(step=step + 1, epoch=b.epoch, **m)
+            if main:
+                with open(run.metrics_path, "a") as f:
+                    f.write(json.dumps(dict(step=step + 1, epoch=b.epoch, loss=m["loss"], accuracy=m["accuracy"])) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+                bar.update(1)
+            done = step + 1
+            if val and eval_every and done % eval_every == 0:
+                last.update(validate())
+                log(f"step {done}: val top1 {last['val']['top1']:.3f} top5 {last['val']['top5']:.3f}")
+            if (done % checkpoint_every == 0 or done == end) and main:
+                save_checkpoint(run.ckpt, state, {"step": done, "classes": run.classes, "settings": run.settings})
+    if bar is not None:
+        bar.close()
+    if val and "val" not in last:
+        last.update(validate())
+    last.update(seconds=time.perf_counter() - t0, processes=jax.process_count(), devices=jax.device_count(),
+                local_batch=rows.stop - rows.start, train_images_failed_here=failed)
+    return state, last
+
+
+def _export(run: _Run, model, state) -> None:
+    """The trained weights for create_model / flax_to_timm (and the EMA's), and the class names."""
+    host = jax.device_get(state)
+    save_flax_checkpoint({"params": host.params}, model, os.path.join(run.output_dir, "model.msgpack"))
+    if run.cfg.model_ema_decay is not None:
+        save_flax_checkpoint({"params": host.ema_params}, model, os.path.join(run.output_dir, "model_ema.msgpack"))
+    atomic_write(os.path.join(run.output_dir, "classes.json"), json.dumps(run.classes))
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+def _val_by_train_classes(val_dir: str, classes: List[str]):
+    """The validation ImageFolder with labels matched to the training classes by name."""
+    refs, labels, val_classes = list_image_folder(val_dir)
+    unknown = [c for c in val_classes if c not in classes]
+    if unknown:
+        raise ValueError(f"{val_dir} has classes the training set does not have: {unknown[:10]} (the model "
+                         f"could never predict them); remove them or add them to `train_dir`")
+    index = {c: i for i, c in enumerate(classes)}
+    return refs, np.asarray([index[val_classes[label]] for label in labels], np.int32), val_classes
