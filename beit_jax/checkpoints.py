@@ -103,22 +103,38 @@ def model_config_dict(model) -> Dict[str, Any]:
     }
 
 
-def save_flax_checkpoint(variables: Mapping[str, Any], model, path: str | os.PathLike) -> Tuple[str, str]:
-    """Write `path` (.msgpack, flax.serialization of the params) and `path` with .json (config).
-
-    Both are written atomically. Returns (msgpack_path, json_path).
-    """
-    import jax
-    from flax import serialization
-
+def export_paths(path: str | os.PathLike) -> Tuple[str, str]:
+    """(msgpack path, json path) an export to `path` writes, refusing what it must not overwrite:
+    a folder, or existing files that are not a beit-jax export (a user's notes.json beside it)."""
     path = os.fspath(path)
     if not os.path.basename(path) or os.path.isdir(path):
         raise ValueError(f"save_flax_checkpoint: path {path!r} is a folder; give a file name such as "
                          f"{os.path.join(path, 'model' + FLAX_CHECKPOINT_SUFFIX)!r}")
     if not path.endswith(FLAX_CHECKPOINT_SUFFIX):
         path += FLAX_CHECKPOINT_SUFFIX
-    params = {"params": jax.tree_util.tree_map(np.asarray, variables["params"])}
     json_path = path[: -len(FLAX_CHECKPOINT_SUFFIX)] + ".json"
+    present = [p for p in (path, json_path) if os.path.exists(p)]
+    try:
+        ours = (read_checkpoint_config(path) or {}).get("format") == FLAX_CHECKPOINT_FORMAT
+    except (ValueError, AttributeError, OSError):  # not JSON, not an object, unreadable: not ours
+        ours = False
+    if present and not ours:
+        raise FileExistsError(f"{present[0]} exists and is not part of a beit-jax export ({json_path} with format "
+                              f"{FLAX_CHECKPOINT_FORMAT}): it is not overwritten; choose another name")
+    return path, json_path
+
+
+def save_flax_checkpoint(variables: Mapping[str, Any], model, path: str | os.PathLike) -> Tuple[str, str]:
+    """Write `path` (.msgpack, flax.serialization of the params) and `path` with .json (config).
+
+    Both are written atomically; an earlier export at `path` is replaced, anything else there is
+    refused (export_paths). Returns (msgpack_path, json_path).
+    """
+    import jax
+    from flax import serialization
+
+    path, json_path = export_paths(path)
+    params = {"params": jax.tree_util.tree_map(np.asarray, variables["params"])}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, serialization.msgpack_serialize(params))
     atomic_write(json_path, json.dumps(model_config_dict(model), indent=2).encode())

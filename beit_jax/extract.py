@@ -227,6 +227,12 @@ class Manifest:
             raise OutputMismatchError(f"{url} holds an unfinished run of the same config: pass `resume=True` to "
                                       f"continue it, or use another `output_dir`")
         if not resume:
+            markers = len([n for n in self.folder.listdir(UNITS) if n.endswith(".json")])
+            if markers < int(existing.get("num_units", 0)):
+                raise OutputMismatchError(
+                    f"{url} holds a run marked complete, but {int(existing['num_units']) - markers} of its "
+                    f"{existing['num_units']} unit markers are missing ({UNITS}/ was copied in part, or files were "
+                    f"deleted): pass `resume=True` to redo those units, or use another `output_dir`")
             raise OutputMismatchError(f"{url} already holds a complete run; pass `resume=True` to reuse it "
                                       f"(nothing to do) or use another `output_dir`")
 
@@ -375,7 +381,7 @@ class ExtractConfig:
     prefetch_shards: int = option(2, "tar shards streamed in ahead of the one being decoded", minimum=0, cli=False)
     resume: bool = option(False, "continue a killed run in the same folder: finished units are kept")
     verify: bool = option(False, "when resuming: check the sha256 of every finished file, not just its size")
-    progress: bool = option(True, "a progress bar", flag="--no-progress")
+    progress: bool = option(True, "show a progress bar", flag="--no-progress")
 
     def __post_init__(self):
         outputs = tuple(dict.fromkeys([self.outputs] if isinstance(self.outputs, str) else self.outputs))

@@ -231,7 +231,8 @@ def read_features(output_dir: str, output: Optional[str] = None, *, storage_opti
     if manifest.get("status") == "complete":  # every unit finished: each marker must be there
         missing = [u for u in range(int(manifest.get("num_units", 0))) if u not in done]
         if missing:
-            problems.append(f"the manifest says complete but {len(missing)} unit markers are missing "
+            problems.append(f"the manifest says complete but {len(missing)} unit marker"
+                            f"{'s are' if len(missing) > 1 else ' is'} missing "
                             f"({', '.join(folder.url_of(unit_marker(u)) for u in missing[:3])}"
                             f"{', ...' if len(missing) > 3 else ''}): a partial copy, or deleted files")
         elif "rows" in manifest and sum(m["rows"] for m in done.values()) != manifest["rows"]:

@@ -185,14 +185,24 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
         out.problems.extend(problems)
         if refs or not containers:
             out.items.extend(refs)
+            if containers:
+                _warn_skipped(url, containers, f"{len(refs)} images were read; a folder holding images is read "
+                                               f"as its images")
             return
-        for c in containers:  # no images, but tables / tar shards: the folder is a dataset of those
+        # no images: the folder is a dataset of tar shards (tables beside them are their metadata, as
+        # img2dataset writes NNNNN.parquet beside NNNNN.tar: reading both would do every image twice),
+        # or else of tables
+        tars = [c for c in containers if is_tar_name(c)]
+        if tars and len(tars) < len(containers):
+            _warn_skipped(url, [c for c in containers if not is_tar_name(c)],
+                          f"its {len(tars)} tar shards were read; tables beside shards are taken for their metadata")
+        for c in tars or containers:
             _list_one(unstrip(fs, c) if not is_local_fs(fs) else c, storage_options, path_column, out)
         return
     if not fs.exists(path):
         raise FileNotFoundError(f"input not found: {url}")
     ext = _ext(path)
-    if ext == ".tar":
+    if is_tar_name(path):
         out.items.append(TarShard(unstrip(fs, path), path, fs))
     elif ext in LIST_EXTENSIONS:
         out.items.extend(_read_list(fs, path, storage_options))
@@ -205,14 +215,30 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
                          f"or table ({', '.join(sorted(TABLE_EXTENSIONS))})")
 
 
+def _warn_skipped(url: str, skipped: List[str], why: str) -> None:
+    import warnings
+
+    names = ", ".join(os.path.basename(c.rstrip("/")) for c in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    warnings.warn(f"{url}: {len(skipped)} files were not read ({names}): {why}; name them to read them "
+                  f"(e.g. '{url.rstrip('/')}/*{_ext(skipped[0]) or '.tar'}')", UserWarning, stacklevel=3)
+
+
 def _ref(fs, path: str, id: Optional[str] = None, **kw) -> ImageRef:
     url = unstrip(fs, path)
     return ImageRef(id or url, path, None if is_local_fs(fs) else fs, **kw)
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def is_tar_name(name: str) -> bool:
+    """A webdataset shard: .tar, or a compressed one (.tar.gz / .tgz / .tar.bz2 / .tar.xz)."""
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
 def _is_container(name: str) -> bool:
     """A table or tar shard, what a folder without images is read as."""
-    return _ext(name) in TABLE_EXTENSIONS or _ext(name) == ".tar"
+    return _ext(name) in TABLE_EXTENSIONS or is_tar_name(name)
 
 
 def _walk_local(root: str) -> Tuple[List[ImageRef], List[str], List[ImageRef]]:
@@ -327,12 +353,14 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
     header, or without tar's end-of-archive blocks) yields every complete image before the cut and
     one error ref for the rest.
     """
-    current, files, last, dups = None, {}, None, []
+    current, files, last, dups, links = None, {}, None, [], []
+    seen: Dict[str, int] = {}  # key -> how many samples had it (a key again later: '#2', '#3' ids)
 
-    def samples(key, members, repeats):
-        sid = f"{shard.url}/{key}"
+    def samples(key, members, repeats, linked=()):
+        seen[key] = seen.get(key, 0) + 1
+        sid = f"{shard.url}/{key}" + (f"#{seen[key]}" if seen[key] > 1 else "")
         images = [ext for ext in members if "." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-        if not images:
+        if not images and not linked:
             yield ImageRef(sid, shard.url, error=f"{sid}: no image member (has {', '.join(sorted(members)) or 'none'})")
         for ext in images:
             yield ImageRef(sid if len(images) == 1 else f"{sid}.{ext}", shard.url, data=members[ext])
@@ -340,6 +368,10 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
             yield ImageRef(f"{shard.url}/{name}#{n}", shard.url,
                            error=f"{shard.url}: member {name} appears again in the same sample (a webdataset "
                                  f"shard may hold each name once); the first was kept, this one was not read")
+        for name, kind in linked:
+            yield ImageRef(f"{shard.url}/{name}", shard.url,
+                           error=f"{shard.url}: member {name} is a {kind}, not a file: links inside a shard are "
+                                 f"not followed (webdataset skips them); store the image itself")
 
     def has_image(members):
         return any("." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for ext in members)
@@ -347,37 +379,44 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
     try:
         opener = open(shard.path, "rb") if is_local_fs(shard.fs) else shard.fs.open(shard.path, "rb",
                                                                                       block_size=block_size)
-        with opener as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        with opener as f, tarfile.open(fileobj=f, mode="r|*") as tf:  # r|*: also gzip/bz2/xz streams
             for m in tf:
-                if not m.isfile():
-                    continue
+                if not (m.isfile() or m.issym() or m.islnk()):
+                    continue  # folders and devices carry no sample
                 match = _KEY_RE.match(m.name)
                 key, ext = (match.group(1), match.group(2)) if match else (m.name, "")
                 if key != current and current is not None:
-                    yield from samples(current, files, dups)
-                    files, dups = {}, []
+                    yield from samples(current, files, dups, links)
+                    files, dups, links = {}, [], []
                 current = key
+                if not m.isfile():
+                    if is_image_name(m.name):  # an image we cannot read: said, not dropped
+                        links.append((m.name, "symlink" if m.issym() else "hard link"))
+                    last = m.name
+                    continue
                 data = tf.extractfile(m).read()
                 last = m.name
                 if ext in files:
                     dups.append(m.name)
                 else:
                     files[ext] = data
-            end = tf.offset
+            end, compressed = tf.offset, getattr(tf.fileobj, "comptype", "tar") != "tar"
         size = os.path.getsize(shard.path) if is_local_fs(shard.fs) else shard.fs.size(shard.path)
-        if size is not None and size - end < tarfile.BLOCKSIZE:
+        if not compressed and size is not None and size - end < tarfile.BLOCKSIZE:
             raise tarfile.ReadError(f"it ends at byte {size}, inside or right after member {last or '(none)'}, "
                                     f"without tar's end-of-archive blocks: the shard was cut short")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        if current is not None and has_image(files):
-            yield from samples(current, files, dups)  # every image member read before the cut is whole
-        where = f"after member {last}" if last else "at its start"
-        yield ImageRef(f"{shard.url}#unreadable", shard.url,
-                       error=f"{shard.url}: unreadable {where} ({type(e).__name__}: {e}); the complete "
-                             f"samples before it were kept")
+        if current is not None and (has_image(files) or links):
+            yield from samples(current, files, dups, links)  # every image member read before the cut is whole
+        if last:
+            said = f"unreadable after member {last} ({type(e).__name__}: {e}); the complete samples before it were kept"
+        else:
+            said = (f"unreadable at its start ({type(e).__name__}: {e}): not a tar archive (plain, gzip, bz2 "
+                    f"or xz), or empty; nothing of it was read")
+        yield ImageRef(f"{shard.url}#unreadable", shard.url, error=f"{shard.url}: {said}")
         return
     if current is not None:
-        yield from samples(current, files, dups)
+        yield from samples(current, files, dups, links)
 
 
 def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_size: int = 256) -> Iterator:

@@ -10,6 +10,7 @@ The result loads with strict=True:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         out = Path(args.output)
+        if args.tolerance <= 0:
+            raise ValueError(f"--tolerance must be > 0 (got {args.tolerance})")
+        if out.is_dir() or args.output.endswith(("/", os.sep)):
+            raise ValueError(f"-o {out} is a folder; give a file name such as {out / 'model.safetensors'}")
         if out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"-o {out}: unknown file type {out.suffix!r}; name it .safetensors, .pth, .bin or .pt "
                              f"(the name decides the format timm reads)")
@@ -67,7 +72,13 @@ def main(argv=None) -> int:
         return 2
     sd = beit_jax.to_timm_state_dict(variables, model)
     save_state_dict(sd, out)
+    overrides = beit_jax.models.architecture_overrides(model)
     print(f"wrote {out} ({len(sd)} tensors, {model.pretrained_cfg.architecture}, num_classes={model.num_classes})")
+    if overrides:
+        arch = ARCHITECTURES[model.pretrained_cfg.architecture]
+        print(f"  timm builds this model with timm.create_model({arch.timm_name!r}, "
+              f"{', '.join(f'{k}={v!r}' for k, v in dict(arch.timm_kwargs, **overrides).items())}, "
+              f"num_classes={model.num_classes}); the architecture alone does not fit it")
     if args.verify:
         import timm
         import torch

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -144,11 +145,27 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="max abs logit/feature difference --verify accepts (default: %(default)s)")
 
 
+_NOT_AN_EXPORT_NAME = (".json", ".pth", ".bin", ".pt", ".ckpt", ".safetensors", ".npz", ".npy")
+
+
 def output_path(output: str, model) -> str:
-    """-o as given, or inside it as `<architecture>.msgpack` when it names a folder."""
+    """-o as given (OUT or OUT.msgpack: writes OUT.msgpack + OUT.json), or inside it as
+    `<architecture>.msgpack` when it names a folder; checked before anything is converted."""
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
-        return os.path.join(output, model.pretrained_cfg.architecture + checkpoints.FLAX_CHECKPOINT_SUFFIX)
-    return output
+        output = os.path.join(output, model.pretrained_cfg.architecture + checkpoints.FLAX_CHECKPOINT_SUFFIX)
+    elif os.path.splitext(output)[1].lower() in _NOT_AN_EXPORT_NAME:
+        raise ValueError(f"-o {output}: a beit-jax export is OUT.msgpack + OUT.json; give -o without the "
+                         f"{os.path.splitext(output)[1]} suffix (or ending in .msgpack)")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:  # a probe file in the nearest existing folder (permissions alone miss read-only mounts, /proc)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"{parent} is a file")
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ValueError(f"-o {output}: cannot write there ({parent}: {e.strerror or e})") from e
+    return checkpoints.export_paths(output)[0]
 
 
 def run(args) -> int:
@@ -162,9 +179,12 @@ def run(args) -> int:
             raise ValueError("nothing to do: give --output and/or --verify")
         if args.images is not None and not args.images.is_dir():
             raise ValueError(f"--images {args.images} is not a folder")
+        if args.tolerance <= 0:
+            raise ValueError(f"--tolerance must be > 0 (got {args.tolerance})")
         sd = read_source(args.source, args.pretrained)
         model, variables = convert(sd, model_name, args.num_classes, args.img_size)
-    except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        out = output_path(args.output, model) if args.output else None
+    except (mapping.CheckpointMismatchError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"converted {args.source} -> {model.pretrained_cfg.architecture} "
@@ -181,7 +201,7 @@ def run(args) -> int:
         else:
             print(f"OK: max abs difference {worst:.3g} <= {args.tolerance:g}")
     if args.output and status == 0:
-        mp, js = checkpoints.save_flax_checkpoint(variables, model, output_path(args.output, model))
+        mp, js = checkpoints.save_flax_checkpoint(variables, model, out)
         print(f"wrote {mp} and {js}")
     return status
 

@@ -213,3 +213,26 @@ def test_export_with_overridden_fields_loads_and_converts(tmp_path, capsys):
     rc, out, err = _convert(capsys, flax_to_timm, path, "-o", tmp_path / "deep.safetensors", "--verify")
     assert rc == 0, err
     assert "max abs logit difference" in out
+
+
+def test_convert_refuses_names_it_would_mangle_and_files_it_did_not_write(tmp_path, capsys):
+    """`-o f.json` wrote f.json.msgpack + f.json.json; `-o notes` replaced the user's notes.json;
+    `-o /proc/x/y` failed only after converting, with a bare errno."""
+    src = tmp_path / "w.safetensors"
+    checkpoints.save_safetensors(timm_state_dict(timm_model(TINY)), src)
+    _assert_refused(_convert(capsys, timm_to_flax, src, "--model", TINY, "-o", tmp_path / "f.json"),
+                    tmp_path / "f", "give -o without the .json suffix")
+    (tmp_path / "notes.json").write_text("my notes")
+    rc, out, err = _convert(capsys, timm_to_flax, src, "--model", TINY, "-o", tmp_path / "notes")
+    assert rc == 2 and "notes.json exists and is not part of a beit-jax export" in err and "converted" not in out
+    assert (tmp_path / "notes.json").read_text() == "my notes" and not (tmp_path / "notes.msgpack").exists()
+    rc, out, err = _convert(capsys, timm_to_flax, src, "--model", TINY, "-o", "/proc/beit-jax/x")
+    assert rc == 2 and "-o /proc/beit-jax/x: cannot write there" in err and "converted" not in out
+    rc, _, err = _convert(capsys, timm_to_flax, src, "--model", TINY, "-o", tmp_path / "ok")
+    assert rc == 0, err
+    rc, _, err = _convert(capsys, timm_to_flax, src, "--model", TINY, "-o", tmp_path / "ok")  # our own: replaced
+    assert rc == 0, err
+    _assert_refused(_convert(capsys, flax_to_timm, tmp_path / "ok.msgpack", "-o", tmp_path), tmp_path / "back",
+                    "is a folder; give a file name")
+    _assert_refused(_convert(capsys, flax_to_timm, tmp_path / "ok.msgpack", "-o", tmp_path / "back.pth",
+                             "--tolerance", "-1"), tmp_path / "back", "--tolerance must be > 0")

@@ -218,12 +218,19 @@ def test_read_features_refuses_a_complete_run_missing_markers(imagenet_dir, tmp_
     model, variables = beit_jax.create_model(TINY, num_classes=0)
     extract(src, str(tmp_path / "o"), model, variables, batch_size=4, shard_size=4, progress=False)
     (tmp_path / "o" / "units" / "0000001.json").unlink()
-    with pytest.raises(CorruptOutputError, match=r"manifest says complete but 1 unit markers are missing "
+    with pytest.raises(CorruptOutputError, match=r"manifest says complete but 1 unit marker is missing "
                                                  r"\(.*units/0000001\.json\)"):
         read_features(tmp_path / "o")
     with pytest.warns(UserWarning, match="returning the finished units only"):
         paths, _ = read_features(tmp_path / "o", allow_partial=True)
     assert paths == src[:4] + src[8:]
+    # rerunning said "already holds a complete run; pass resume=True (nothing to do)": it is not complete
+    with pytest.raises(OutputMismatchError, match=r"marked complete, but 1 of its 3 unit markers are missing.*"
+                                                  r"`resume=True` to redo those units"):
+        extract(src, str(tmp_path / "o"), model, variables, batch_size=4, shard_size=4, progress=False)
+    again = extract(src, str(tmp_path / "o"), model, variables, batch_size=4, shard_size=4, progress=False,
+                    resume=True)
+    assert again["images"] == 4 and read_features(tmp_path / "o")[0] == src
 
 
 def test_resume_on_another_device_count(imagenet_dir, tmp_path):

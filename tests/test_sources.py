@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import tarfile
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -129,13 +128,55 @@ def test_a_folder_of_tables_reads_the_tables(tiny, photos, tmp_path):
     assert res.returncode == 2 and f"no images found in {tmp_path / 'empty'} (looked for" in res.stderr
 
 
-def test_a_folder_of_images_ignores_its_tables(photos, tmp_path):
-    """Images beside a table: the folder's images, as before (the table is not read)."""
+def test_a_folder_of_images_reads_its_images_and_says_what_it_skipped(photos, tmp_path):
+    """Images beside a table: the folder's images (the table is not read, and a warning says so)."""
     (tmp_path / "mixed").mkdir()
     for p in photos[:2]:
         (tmp_path / "mixed" / p.name).write_bytes(p.read_bytes())
     pq.write_table(pa.table({"url": [str(photos[3])]}), tmp_path / "mixed" / "other.parquet")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"1 files were not read \(other\.parquet\): 2 images were read"):
         items = list_inputs(str(tmp_path / "mixed")).items
     assert sorted(r.id.split("/")[-1] for r in items) == sorted(p.name for p in photos[:2])
+
+
+def test_a_webdataset_folder_reads_the_shards_not_their_metadata_tables(tiny, photos, tmp_path):
+    """img2dataset writes NNNNN.parquet (with the url column) beside each NNNNN.tar: reading both
+    did every image twice (once from the tar, once by fetching its URL again)."""
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "00000.tar", [(f"{i:03d}.jpg", photos[i]) for i in range(3)])
+    pq.write_table(pa.table({"url": [str(p) for p in photos[:3]]}), tmp_path / "wds" / "00000.parquet")
+    with pytest.warns(UserWarning, match=r"00000\.parquet\): its 1 tar shards were read"):
+        _, paths, _, failed = _run(tiny, str(tmp_path / "wds"), tmp_path / "o")
+    assert [p.split("/")[-1] for p in paths] == ["000", "001", "002"] and failed == []
+
+
+def test_links_compressed_shards_and_repeated_keys(tiny, photos, tmp_path):
+    """A symlink or hard link member vanished without a trace; a key seen again later in a shard
+    gave two rows with one id; a gzip shard was 'unreadable at its start'."""
+    data = photos[0].read_bytes()
+    with tarfile.open(tmp_path / "links.tar", "w") as tf:
+        for name in ("000.jpg", "002.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("001.jpg", tarfile.SYMTYPE), ("003.jpg", tarfile.LNKTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "000.jpg"
+            tf.addfile(info)
+        info = tarfile.TarInfo("000.jpg")  # the key 000 again, after others
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    _, paths, _, failed = _run(tiny, str(tmp_path / "links.tar"), tmp_path / "o")
+    assert [p.split("/")[-1] for p in paths] == ["000", "002", "000#2"]
+    assert sorted((f["path"].split("/")[-1], "not followed" in f["error"]) for f in failed) == \
+        [("001.jpg", True), ("003.jpg", True)]
+    with tarfile.open(tmp_path / "gz.tar", "w:gz") as tf:  # gzip, under a plain .tar name
+        tf.add(photos[1], arcname="000.jpg")
+    _tar(tmp_path / "raw.tar", [("000.jpg", photos[2])])
+    import gzip
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress((tmp_path / "raw.tar").read_bytes()))
+    _, paths, _, failed = _run(tiny, [str(tmp_path / "gz.tar"), str(tmp_path / "x.tar.gz")], tmp_path / "c")
+    assert [p.split("/")[-1] for p in paths] == ["000", "000"] and failed == []
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
+    _, _, _, failed = _run(tiny, [str(tmp_path / "junk.tar"), str(photos[0])], tmp_path / "j")
+    assert "not a tar archive (plain, gzip, bz2 or xz), or empty; nothing of it was read" in failed[0]["error"]

@@ -46,11 +46,11 @@ def register(sub) -> None:
 
     add_config_flags(p, TrainConfig, none_defaults=True)
     p.add_argument("--workers", type=positive_int, default=2, help="decode threads per host (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="steps between validations (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     add_distributed_options(p)
     p.set_defaults(run=run)
 

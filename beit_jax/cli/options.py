@@ -21,7 +21,7 @@ def user_errors() -> tuple:
 
     return (PretrainedUnavailableError, CheckpointMismatchError, OutputMismatchError, CorruptOutputError,
             AllInputsFailedError, TrainingDivergedError, OutputLockedError, StorageFullError, ValueError, FileNotFoundError,
-            NotADirectoryError, PermissionError, ImportError)
+            FileExistsError, NotADirectoryError, PermissionError, ImportError)
 
 
 # The library's messages name Python parameters in backticks (`resume=True`, `shard_size`); the
@@ -117,8 +117,11 @@ def add_config_flags(p, config_cls, *, none_defaults: bool = False) -> None:
         default = None if none_defaults else f.default
         shown = "" if f.default is None else f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         kw = dict(dest=f.name, default=default, help=meta["help"] + shown)
-        if hints[f.name] is bool:
-            kw.update(action="store_false" if f.default else "store_true", help=meta["help"])
+        if hints[f.name] is not bool:
+            kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        if hints[f.name] is bool:  # a True-by-default field's flag turns it off
+            kw.update(action="store_false" if f.default else "store_true",
+                      help=f"do not {meta['help']}" if f.default else meta["help"])
             kw["default"] = None if none_defaults else f.default
         elif isinstance(f.default, tuple) and Ellipsis in typing.get_args(hints[f.name]):
             kw.update(type=comma_list, help=meta["help"] + f" (default: {','.join(f.default)})")

@@ -114,12 +114,13 @@ class TrainConfig:
     cutmix, EMA); `recipe_settings("beit", ...)` (`beit-jax finetune --recipe beit`) turns on
     the published BEiT values.
     """
-    lr: float = option(5e-4, "peak learning rate (BEiT: 5e-4 for batch 1024; scale linearly)")
+    lr: float = option(5e-4, "peak learning rate for the global batch (BEiT's published value per model, e.g. "
+                                "4e-3 for BEiT-base at batch 1024, comes with --recipe beit, scaled to the batch)")
     min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
     weight_decay: float = option(0.05, "AdamW weight decay (not on 1-D params, cls token, position tables)")
     layer_decay: float = option(0.65, "layer-wise lr decay: block i gets lr * decay ** (depth + 1 - i)")
-    warmup_steps: int = option(100, "linear warmup steps")
-    total_steps: int = option(1000, "total optimizer steps", flag="--steps")
+    warmup_steps: int = option(100, "linear warmup steps (--recipe beit: from its warmup epochs)")
+    total_steps: int = option(1000, "total optimizer steps (--recipe beit: from its epochs)", flag="--steps")
     label_smoothing: float = option(0.1, "label smoothing (with mixup/cutmix: of the mixed targets, as timm)")
     b1: float = option(0.9, "AdamW beta1")
     b2: float = option(0.999, "AdamW beta2")
