@@ -548,6 +548,9 @@ def _run(job: _Job) -> Dict[str, Any]:
             raise AllInputsFailedError(
                 f"every one of the {totals['failed']} inputs failed, so {folder.url} holds no features (see "
                 f"{folder.url_of(FAILED)}; the first: {first['path']}: {first['error']})")
+        if totals["rows"] == 0 and totals["failed"] == 0:  # only tar shards, and they held no samples
+            raise AllInputsFailedError(f"no images found: the {len(plan.units)} tar shards of SRC hold no samples, "
+                                       f"so {folder.url} holds no features")
     t_end = time.perf_counter()
     elapsed = t_end - job.t_start
     steady_s = t_end - (stats.t_first or t_end)

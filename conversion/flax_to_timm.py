@@ -63,6 +63,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--tolerance must be > 0 (got {args.tolerance})")
         if out.is_dir() or args.output.endswith(("/", os.sep)):
             raise ValueError(f"-o {out} is a folder; give a file name such as {out / 'model.safetensors'}")
+        if out.exists():
+            raise ValueError(f"-o {out} exists: it is not overwritten; remove it or choose another name")
         if out.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"-o {out}: unknown file type {out.suffix!r}; name it .safetensors, .pth, .bin or .pt "
                              f"(the name decides the format timm reads)")

@@ -236,3 +236,7 @@ def test_convert_refuses_names_it_would_mangle_and_files_it_did_not_write(tmp_pa
                     "is a folder; give a file name")
     _assert_refused(_convert(capsys, flax_to_timm, tmp_path / "ok.msgpack", "-o", tmp_path / "back.pth",
                              "--tolerance", "-1"), tmp_path / "back", "--tolerance must be > 0")
+    (tmp_path / "mine.safetensors").write_bytes(b"the user's file")
+    rc, _, err = _convert(capsys, flax_to_timm, tmp_path / "ok.msgpack", "-o", tmp_path / "mine.safetensors")
+    assert rc == 2 and "exists: it is not overwritten" in err
+    assert (tmp_path / "mine.safetensors").read_bytes() == b"the user's file"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import beit_jax
-from beit_jax.extract import extract, read_failures, read_features
+from beit_jax.extract import AllInputsFailedError, extract, read_failures, read_features
 from beit_jax.sources import list_inputs
 from tests.support import TINY, cli
 
@@ -177,6 +177,11 @@ def test_links_compressed_shards_and_repeated_keys(tiny, photos, tmp_path):
     (tmp_path / "x.tar.gz").write_bytes(gzip.compress((tmp_path / "raw.tar").read_bytes()))
     _, paths, _, failed = _run(tiny, [str(tmp_path / "gz.tar"), str(tmp_path / "x.tar.gz")], tmp_path / "c")
     assert [p.split("/")[-1] for p in paths] == ["000", "000"] and failed == []
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    model, variables = tiny
+    with pytest.raises(AllInputsFailedError, match="the 1 tar shards of SRC hold no samples"):
+        extract(str(tmp_path / "empty.tar"), str(tmp_path / "e"), model, variables, progress=False)
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
     _, _, _, failed = _run(tiny, [str(tmp_path / "junk.tar"), str(photos[0])], tmp_path / "j")
     assert "not a tar archive (plain, gzip, bz2 or xz), or empty; nothing of it was read" in failed[0]["error"]
