@@ -77,7 +77,7 @@ def test_export_under_another_architecture_is_refused(tmp_path):
     model, variables = beit_jax.create_model("beitv2_base_patch16_224", num_classes=3, depth=1)
     mp, _ = beit_jax.save_flax_checkpoint(variables, model, tmp_path / "v2")
     with pytest.raises(ValueError, match=r"exported from beitv2_base_patch16_224\.in1k_ft_in22k_in1k, not "
-                                         r"beit_base_patch16_224.*`model=beitv2_base_patch16_224`"):
+                                         r"beit_base_patch16_224.*`model=beitv2_base_patch16_224\.in1k_ft_in22k_in1k`"):
         beit_jax.create_model("beit_base_patch16_224", checkpoint_path=mp, depth=1)
     again, _ = beit_jax.create_model("beitv2_base_patch16_224", checkpoint_path=mp, depth=1)
     assert again.pretrained_cfg.mean == (0.485, 0.456, 0.406)  # v2's data config, kept
