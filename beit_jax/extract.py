@@ -357,8 +357,8 @@ class UnitTracker:
 class ExtractConfig:
     """How `extract` runs (`beit-jax extract` makes a flag of each field: `--batch-size`, ...).
 
-    Only `outputs`, `storage_dtype`, `shard_size` and `part_bytes` shape what is written (and so a
-    run's identity, checked on resume); the rest is how fast it runs and what it prints.
+    `outputs`, `storage_dtype`, `shard_size`, `part_bytes` and `path_column` shape what is written
+    (and so a run's identity, checked on resume); the rest is how fast it runs and what it prints.
     """
     outputs: Tuple[str, ...] = option(("pooled",), "comma list of pooled (B, D), tokens (B, 1+N, D), logits")
     batch_size: Optional[int] = option(None, "global batch over all devices of all hosts; a multiple of the "

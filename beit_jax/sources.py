@@ -2,9 +2,9 @@
 
 SRC (one or several, any local path or fsspec URL; see storage.py):
   folder / bucket prefix   every image below it, recursively, sorted (local walks detect symlink
-                           loops and report unreadable sub-folders); a folder holding no images but
-                           tables or tar shards (an img2dataset URL-table folder, a webdataset
-                           folder) is read as those files, sorted
+                           loops and report unreadable sub-folders); a folder holding no images is
+                           read as its tar shards (tables beside them are their metadata and are
+                           skipped), or else as its tables, sorted; skipped files are warned about
   glob                     'imgs/*.jpg', 's3://b/shards/*.tar' (sorted); webdataset's brace syntax
                            'shards/shard-{00000..00999}.tar' is expanded first
   list file (.txt .lst)    one path/URL per line, relative to the list's folder; '#' comments

@@ -61,7 +61,7 @@ def to_cli(message: str) -> str:
             return None
         if not eq or value == "True":
             return flags[name]
-        return f"{flags[name]} {value.strip(chr(39))}"
+        return flags[name] + " " + value.strip("'")
 
     def sub(m):
         said = [flag(t) for t in m.group(1).split(", ")]
@@ -117,13 +117,13 @@ def add_config_flags(p, config_cls, *, none_defaults: bool = False) -> None:
         default = None if none_defaults else f.default
         shown = "" if f.default is None else f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         kw = dict(dest=f.name, default=default, help=meta["help"] + shown)
-        if hints[f.name] is not bool:
-            kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         if hints[f.name] is bool:  # a True-by-default field's flag turns it off
             kw.update(action="store_false" if f.default else "store_true",
                       help=f"do not {meta['help']}" if f.default else meta["help"])
-            kw["default"] = None if none_defaults else f.default
-        elif isinstance(f.default, tuple) and Ellipsis in typing.get_args(hints[f.name]):
+            p.add_argument(flag, **kw)
+            continue
+        kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        if isinstance(f.default, tuple) and Ellipsis in typing.get_args(hints[f.name]):
             kw.update(type=comma_list, help=meta["help"] + f" (default: {','.join(f.default)})")
         elif isinstance(f.default, tuple):
             kw.update(type=kinds[0], nargs=len(f.default), metavar=("MIN", "MAX"))
