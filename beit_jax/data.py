@@ -17,8 +17,14 @@ import numpy as np
 from .sources import ImageRef, list_image_folder  # noqa: F401  (list_image_folder: fine-tuning's source)
 from .transforms import EvalTransform, ImageLoadError, load_image
 
-def decode(ref: ImageRef, transform: EvalTransform) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """(uint8 (H, W, 3) crop, None) or (None, reason). Never raises for a bad input."""
+PAD = (None, None)  # what the decoder yields for a padding slot (decode never returns it)
+
+
+def decode(ref: Optional[ImageRef], transform: EvalTransform) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """(uint8 (H, W, 3) crop, None) or (None, reason); PAD for a padding slot (ref None). Never raises
+    for a bad input."""
+    if ref is None:
+        return PAD
     if ref.error is not None:
         return None, ref.error
     try:
@@ -92,12 +98,12 @@ class Decoder:
 
 @dataclasses.dataclass
 class HostBatch:
-    """A fixed-shape batch: padded slots have index -1 and valid False."""
-    indices: np.ndarray  # (B,) int64 global input indices (or the refs' row keys)
+    """A fixed-shape batch: padded slots have index -1, valid False and ref None."""
+    indices: np.ndarray  # (B,) int64: each slot's ref.index (-1: padding)
     images: np.ndarray  # (B, H, W, 3) uint8
     valid: np.ndarray  # (B,) bool
     errors: List[Tuple[int, str]]  # (index, reason) of inputs that failed to decode
-    refs: Optional[List[Optional[ImageRef]]] = None  # stream_batches: the ref of each slot
+    refs: List[Optional[ImageRef]]  # the ref of each slot
 
     @classmethod
     def empty(cls, batch_size: int, image_shape: Tuple[int, int, int]) -> "HostBatch":
@@ -105,11 +111,15 @@ class HostBatch:
                    np.zeros((batch_size,), bool), [], [None] * batch_size)
 
 
-def stream_batches(refs: Iterable[ImageRef], batch_size: int, decoder: Decoder,
+def stream_batches(refs: Iterable[Optional[ImageRef]], batch_size: int, decoder: Decoder,
                    image_shape: Tuple[int, int, int]) -> Iterator[HostBatch]:
-    """Fixed-shape batches over a stream of refs (of unknown length); indices are the refs' `index`.
+    """Fixed-shape batches over a stream of refs of any (unknown) length, in order; None in the stream
+    is a padding slot (so every process can step through the same number of batches). Indices are
+    the refs' `index`. One decode stream runs across batch boundaries, so workers never idle between
+    batches; the last batch is padded and masked.
 
-    One decode stream runs across batch boundaries; the last batch is padded and masked.
+    The one batch builder: extraction (refs of its units) and fine-tuning (seeded training refs,
+    padded validation rows) both use it.
     """
     pulled: deque = deque()
 
@@ -124,41 +134,16 @@ def stream_batches(refs: Iterable[ImageRef], batch_size: int, decoder: Decoder,
         n = 0
         for slot, (arr, err) in zip(range(batch_size), decoded):
             ref = pulled.popleft()
+            n += 1
+            if ref is None:
+                continue
             hb.indices[slot], hb.refs[slot] = ref.index, ref
             if err is None:
                 hb.images[slot], hb.valid[slot] = arr, True
             else:
                 hb.errors.append((ref.index, err))
-            n += 1
         if n == 0:
             return
         yield hb
         if n < batch_size:
             return
-
-
-def batches(refs: Sequence[ImageRef], slots: Sequence[int], batch_size: int, decoder: Decoder,
-            image_shape: Tuple[int, int, int]) -> Iterator[HostBatch]:
-    """Fixed-shape batches over `slots`: global indices into refs, -1 for a padding slot.
-
-    One decode stream runs across batch boundaries, so workers never idle between batches. A
-    trailing partial batch is padded and masked.
-    """
-    slots = list(slots)
-    decoded = decoder.imap(refs[i] for i in slots if i >= 0)
-    for start in range(0, len(slots), batch_size):
-        idx = np.full((batch_size,), -1, np.int64)
-        images = np.zeros((batch_size, *image_shape), np.uint8)
-        valid = np.zeros((batch_size,), bool)
-        errors = []
-        for slot, gi in enumerate(slots[start:start + batch_size]):
-            if gi < 0:
-                continue
-            arr, err = next(decoded)
-            idx[slot] = gi
-            if err is None:
-                images[slot] = arr
-                valid[slot] = True
-            else:
-                errors.append((gi, err))
-        yield HostBatch(idx, images, valid, errors)

@@ -32,12 +32,12 @@ SAMPLE = HERE.parent.parent / "shared" / "data" / "imagenet-sample"
 
 
 def pipeline_only(refs, transform, batch, workers, backend):
-    from beit_jax.data import Decoder, batches
+    from beit_jax.data import Decoder, stream_batches
 
     with Decoder(transform, workers=workers, backend=backend, window=max(2 * batch, 16)) as dec:
         t = time.perf_counter()
         n = 0
-        for hb in batches(refs, list(range(len(refs))), batch, dec, (224, 224, 3)):
+        for hb in stream_batches(refs, batch, dec, (224, 224, 3)):
             n += int(hb.valid.sum())
         return n / (time.perf_counter() - t)
 

@@ -16,7 +16,7 @@ import numpy as np
 from .. import parallel as par
 from .._io import atomic_write
 from ..checkpoints import save_flax_checkpoint
-from ..data import Decoder, batches, list_image_folder
+from ..data import Decoder, list_image_folder, stream_batches
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
 from .order import batch_mix_rng, eval_slots, train_batches
@@ -31,7 +31,8 @@ def evaluate(trainer: Trainer, params, refs, labels, batch_size, decoder, image_
     global batch, the counts are summed over the global batch on the devices (exact)."""
     local = (rows.stop - rows.start) if rows else batch_size
     loss, hits = 0.0, {"top1": 0, "top5": 0, "count": 0}
-    for hb in batches(refs, eval_slots(len(refs), batch_size, rows), local, decoder, image_shape):
+    slots = ((dataclasses.replace(refs[g], index=g) if g >= 0 else None) for g in eval_slots(len(refs), batch_size, rows))
+    for hb in stream_batches(slots, local, decoder, image_shape):
         lab = labels[hb.indices.clip(0)]
         out = jax.device_get(trainer.eval_step(params, *trainer.put(hb.images, lab, hb.valid.astype(np.float32))))
         loss += float(out["loss"])

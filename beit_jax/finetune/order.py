@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data import batches
+from ..data import stream_batches
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -40,22 +40,6 @@ class TrainBatch:
     errors: list  # (path, reason) of the images that failed to decode
 
 
-class _SeededRefs:
-    """refs[picks[j]] with its augmentation seed, computed when the decoder asks for it."""
-
-    def __init__(self, refs, picks, seed: int, epoch: int):
-        self.refs, self.picks, self.seed, self.epoch = refs, picks, seed, epoch
-
-    def __len__(self):
-        return len(self.picks)
-
-    def seed_of(self, j: int) -> int:
-        return sample_seed(self.seed, self.epoch, self.picks[j])
-
-    def __getitem__(self, j: int):
-        return dataclasses.replace(self.refs[self.picks[j]], seed=self.seed_of(j))
-
-
 def train_batches(refs, labels, batch_size: int, seed: int, start_step: int, decoder, image_shape,
                   rows: Optional[slice] = None):
     """Endless TrainBatch-es (this process's `rows` of each global batch of `batch_size`) from
@@ -73,12 +57,11 @@ def train_batches(refs, labels, batch_size: int, seed: int, start_step: int, dec
         order = epoch_order(len(refs), seed, epoch)
         picks = np.concatenate([order[k * batch_size + rows.start: k * batch_size + rows.stop]
                                 for k in range(offset, steps_per_epoch)])
-        seeded = _SeededRefs(refs, picks, seed, epoch)
-        for hb in batches(seeded, range(len(seeded)), rows.stop - rows.start, decoder, image_shape):
-            at = hb.indices.clip(0)
-            seeds = np.asarray([seeded.seed_of(j) for j in at], np.int32)
+        seeded = (dataclasses.replace(refs[p], seed=sample_seed(seed, epoch, p), index=j) for j, p in enumerate(picks))
+        for hb in stream_batches(seeded, rows.stop - rows.start, decoder, image_shape):
+            seeds = np.asarray([r.seed for r in hb.refs], np.int32)
             errors = [(refs[picks[j]].id, reason) for j, reason in hb.errors]
-            yield TrainBatch(hb.images, labels[picks[at]], hb.valid.astype(np.float32), seeds, epoch, errors)
+            yield TrainBatch(hb.images, labels[picks[hb.indices]], hb.valid.astype(np.float32), seeds, epoch, errors)
         epoch, offset = epoch + 1, 0
 
 
