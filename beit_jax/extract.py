@@ -1,13 +1,14 @@
 """Feature extraction over large image sets: any storage, every device of every host, resumable,
 nothing lost or duplicated.
 
-Four parts, composed by `extract`:
-  Plan           the inputs cut into units of work (a tar shard, or `shard_size` listed inputs),
-                 each process a contiguous block of units, every row a key in input order
+Source -> Plan -> Sink, composed by `extract`:
+  Inputs         (sources.py) what SRC names: listed ImageRefs, and Streamed sources (tar shards)
+  Plan           the inputs cut into units of work (`shard_size` listed inputs, or one streamed
+                 source), each process a contiguous block of units, every row a key in input order
   Manifest       what the output folder holds (model, weights, inputs, layout); refuses to mix runs
   run_pipeline   decode -> device -> writer, the device step of batch i overlapping the read-back
                  and writing of batch i - 1; processes step in lockstep until all are done
-  FeatureWriter  (sinks.py) npy + parquet parts per unit, then the unit's marker
+  Sink           (sinks.py) FeatureWriter: npy + parquet parts per unit, then the unit's marker
 
 Output layout: see sinks.py (npy + parquet, what embedding-reader/autofaiss read), plus
   manifest.json   identity of the run, status running/complete, totals
@@ -34,9 +35,9 @@ from ._config import option
 from ._io import TEMP_MARKER
 from .data import Decoder, HostBatch, stream_batches
 from .models import cast_for_inference
-from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError,  # noqa: F401
+from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError, Sink,  # noqa: F401
                     finished_units, read_failures, read_features, read_manifest, remove_unfinished_parts)
-from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, TarShard, list_inputs, prefetch, stream_tar
+from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, Streamed, list_inputs, prefetch
 from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
 from .transforms import create_transform, normalize, resolve_data_config
 
@@ -85,25 +86,27 @@ def output_row_floats(model, outputs: Sequence[str]) -> Dict[str, int]:
 # ---- plan ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A unit of work: listed inputs (refs, starting at input index `start`) or one tar shard."""
+    """A unit of work: listed inputs (refs, keyed, starting at input index `start`) or one
+    Streamed source (a tar shard), keyed while it is read."""
     index: int
     refs: Optional[List[ImageRef]] = None
-    shard: Optional[TarShard] = None
+    source: Optional[Streamed] = None
     start: int = 0
 
 
 class Plan:
     """The inputs cut into units, and this process's contiguous block of them.
 
-    Row keys (the `id` column) are input indices when every input is listed up front (files,
-    lists, tables); with tar shards, whose samples are only known while streaming, a row's key is
+    Listed inputs are cut into units of `rows_per_unit`; each Streamed source is a unit. Row keys
+    (the `id` column) are input indices when every input is listed up front (files, lists,
+    tables); with streamed sources, whose samples are only known while reading, a row's key is
     (unit << 32) | position in the unit. Both sort in input order.
     """
 
     def __init__(self, inputs: Inputs, rows_per_unit: int, process_index: int = 0, process_count: int = 1):
         self.process_index, self.process_count = process_index, process_count
         items = inputs.items + inputs.problems
-        self.listed_only = not any(isinstance(i, TarShard) for i in items)
+        self.listed_only = not any(isinstance(i, Streamed) for i in items)
         self.num_inputs = len(items)
         units: List[Unit] = []
         pending: List[ImageRef] = []
@@ -118,9 +121,9 @@ class Plan:
             pending = []
 
         for item in items:
-            if isinstance(item, TarShard):
+            if isinstance(item, Streamed):
                 cut()
-                units.append(Unit(len(units), shard=item))
+                units.append(Unit(len(units), source=item))
             else:
                 pending.append(item)
             position += 1
@@ -135,11 +138,11 @@ class Plan:
         return index if self.listed_only else (unit << 32) | position
 
     def refs_of(self, unit: Unit) -> Iterator[ImageRef]:
-        """The unit's inputs with their row keys; a tar shard is streamed here."""
-        if unit.shard is None:
+        """The unit's inputs with their row keys; a streamed source is read here."""
+        if unit.source is None:
             return iter(unit.refs)
         return (dataclasses.replace(r, index=self._key(unit.index, 0, k))
-                for k, r in enumerate(stream_tar(unit.shard)))
+                for k, r in enumerate(unit.source.stream()))
 
     def unit_of(self, key: int) -> int:
         if not self.listed_only:
@@ -157,7 +160,7 @@ class Plan:
 def _fingerprint(items) -> str:
     h = hashlib.sha256()
     for i in items:
-        h.update((i.url if isinstance(i, TarShard) else i.id).encode("utf-8", "surrogateescape") + b"\0")
+        h.update(i.id.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
 
@@ -321,10 +324,10 @@ def run_pipeline(step: par.Step, dp: par.DataParallel, params, stream: Iterator[
 
 
 class UnitTracker:
-    """Routes each batch's rows to the writer and closes units in order, also those that yielded
+    """Routes each batch's rows to the sink and closes units in order, also those that yielded
     nothing (an empty tar)."""
 
-    def __init__(self, plan: Plan, todo: Sequence[Unit], writer: FeatureWriter, outputs: Sequence[str]):
+    def __init__(self, plan: Plan, todo: Sequence[Unit], writer: Sink, outputs: Sequence[str]):
         self.plan, self.writer, self.outputs = plan, writer, outputs
         self.todo = [u.index for u in todo]
         self.next = 0  # position in todo of the first unit not closed yet
@@ -340,7 +343,7 @@ class UnitTracker:
 
     def add(self, hb: HostBatch, rows: Dict[str, np.ndarray]) -> None:
         errors = dict(hb.errors)
-        slots = [s for s, r in enumerate(hb.refs or []) if r is not None]
+        slots = [s for s, r in enumerate(hb.refs) if r is not None]
         for unit in dict.fromkeys(self.plan.unit_of(hb.refs[s].index) for s in slots):
             self._close_until(unit)
             mine = [s for s in slots if self.plan.unit_of(hb.refs[s].index) == unit]

@@ -70,8 +70,28 @@ def parquet_bytes(columns: Dict[str, list], types: Optional[Dict[str, Any]] = No
     return buf.getvalue()
 
 
-class FeatureWriter:
-    """Rows of one process's units -> npy + parquet parts, then the unit's marker.
+class Sink:
+    """Where extraction's rows go: the contract `extract.UnitTracker` relies on.
+
+    One process's units arrive in increasing order; `add` hands over the valid rows and the failed
+    inputs of (part of) one batch for one unit, `close` ends a unit, also one that produced no
+    rows. A unit is finished, for resumes and readers, exactly when `close` has returned: a sink
+    writes each unit's completion record last, whole (see FeatureWriter's marker). `write_s`: time
+    spent writing, for the run's summary.
+    """
+    write_s: float = 0.0
+
+    def add(self, unit: int, refs: Sequence[ImageRef], rows: Dict[str, np.ndarray],
+            failed: Sequence[Tuple[ImageRef, str]] = ()) -> None:
+        raise NotImplementedError
+
+    def close(self, unit: int) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+class FeatureWriter(Sink):
+    """The Sink of the layout above: rows of one process's units -> npy + parquet parts, then the
+    unit's marker.
 
     Units arrive in order; `add` takes the valid rows and the failures of one batch, `close` ends a
     unit (also one that produced no rows). Parts are flushed as soon as they hold `rows_per_part`.

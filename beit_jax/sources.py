@@ -15,8 +15,8 @@ SRC (one or several, any local path or fsspec URL; see storage.py):
   image file               itself
 
 Listed inputs (files, URLs, table rows) become `ImageRef`s at once; a tar shard is listed as one
-`TarShard` and streamed when its turn comes (`stream_tar`), so its samples are never counted or
-fetched twice. A bad input never raises here: it becomes a ref carrying its error.
+`TarShard`, a `Streamed` source read when its turn comes (`stream_tar`), so its samples are never
+counted or fetched twice. A bad input never raises here: it becomes a ref carrying its error.
 """
 from __future__ import annotations
 
@@ -69,19 +69,40 @@ class ImageRef:
         return self.fs.cat_file(self.path)
 
 
+class Streamed:
+    """An input whose samples are known only while it is read, in one sequential pass (a tar shard).
+
+    Extraction makes each one a unit of work of its own and reads it when that unit's turn comes,
+    so its samples are never counted or fetched twice. A new kind implements `id` (what the run's
+    identity fingerprints: a URL) and `stream()`; bad samples come out as refs carrying their error.
+    """
+    id: str
+
+    def stream(self) -> Iterator["ImageRef"]:
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class TarShard:
-    """A webdataset tar shard, streamed when its turn comes."""
+class TarShard(Streamed):
+    """A webdataset tar shard (see stream_tar)."""
     url: str
     path: str
     fs: Any = dataclasses.field(compare=False, repr=False)
 
+    @property
+    def id(self) -> str:
+        return self.url
+
+    def stream(self) -> Iterator["ImageRef"]:
+        return stream_tar(self)
+
 
 @dataclasses.dataclass
 class Inputs:
-    """Everything SRC names, in input order: ImageRefs and TarShards, plus the passthrough column
-    names (tables) and problems met while listing (unreadable folders, symlink loops)."""
-    items: List[Union[ImageRef, TarShard]]
+    """Everything SRC names, in input order: ImageRefs (listed inputs) and Streamed sources (tar
+    shards), plus the passthrough column names (tables) and problems met while listing (unreadable
+    folders, symlink loops)."""
+    items: List[Union[ImageRef, Streamed]]
     columns: List[str]
     problems: List[ImageRef]
     src: str = "SRC"  # what was listed, for messages
