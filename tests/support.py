@@ -254,3 +254,13 @@ def digits_folder(root, n_per_class=None, size=64, offset=0):
         out.mkdir(parents=True, exist_ok=True)
         img.convert("RGB").save(out / f"{i:04d}.png")
     return root
+
+
+def extract_cli(*args) -> subprocess.CompletedProcess:
+    """`beit-jax extract ... --model test_beit --random-weights --no-progress`, in-process."""
+    return cli("extract", *args, "--model", TINY, "--random-weights", "--no-progress")
+
+
+def sample_photos(imagenet_dir: Path, n: int) -> list:
+    """The first n photos of ../shared/data/imagenet-sample, sorted."""
+    return sorted(imagenet_dir.iterdir())[:n]

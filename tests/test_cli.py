@@ -10,7 +10,7 @@ from PIL import Image
 
 import beit_jax
 from beit_jax import checkpoints
-from tests.support import TINY, cli, run_cli, timm_model, timm_state_dict
+from tests.support import TINY, cli, extract_cli, run_cli, sample_photos, timm_model, timm_state_dict
 
 
 def test_classify_matches_timm_top5(tmp_path, imagenet_dir):
@@ -76,3 +76,72 @@ def test_library_errors_name_parameters_and_the_command_says_flags(tmp_path, ima
     assert "another --output" in res.stderr and "`" not in res.stderr
     assert to_cli("pass `resume=True, verify=True` or `batch_size=96`; `unknown_name` stays") == \
         "pass --resume --verify or --batch-size 96; `unknown_name` stays"
+
+
+# ---- refusals are sentences; flags checked when parsing -----------------------------------------
+def test_classify_uses_the_checkpoints_classes(ft10, imagenet_dir, tmp_path):
+    _, path = ft10
+    img = sample_photos(imagenet_dir, 1)[0]
+    res = cli("classify", img, "--model", TINY, "--checkpoint", path, "--top-k", "3")
+    assert res.returncode == 0, res.stderr
+    assert "no class names for a 10-class head: showing indices" in res.stderr
+    assert "tench, Tinca tinca" not in res.stdout  # no ImageNet labels on a 10-class head
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
+    res = cli("classify", img, "--model", TINY, "--checkpoint", path, "--class-names", names, "--json")
+    assert res.returncode == 0, res.stderr
+    assert all(r["label"].startswith("digit ") for r in json.loads(res.stdout)[0]["top_k"])
+    names.write_text("a\nb\n")
+    res = cli("classify", img, "--model", TINY, "--checkpoint", path, "--class-names", names)
+    assert res.returncode == 2 and "names 2 classes but the model's head has 10" in res.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "-2", "must be a positive integer"),
+    ("--batch-size", "0", "must be a positive integer"),
+    ("--shard-size", "0", "must be a positive integer"),
+    ("--num-classes", "-3", "must be 0 or more"),
+    ("--workers", "-1", "must be 0 or more"),
+])
+def test_bad_numbers_are_refused_when_parsing(flag, value, message, tmp_path):
+    res = extract_cli(tmp_path, "--output", tmp_path / "o", flag, value)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_refusals_are_sentences(tmp_path, imagenet_dir):
+    res = cli("classify", sample_photos(imagenet_dir, 1)[0], "--top-k", "0", "--random-weights", "--model", TINY)
+    assert res.returncode == 2 and "must be a positive integer" in res.stderr
+    with pytest.raises(ValueError, match="img_size 100 is not a positive multiple of the patch size 16"):
+        beit_jax.create_model(TINY, img_size=100)
+    with pytest.raises(ValueError, match="num_classes must be 0"):
+        beit_jax.create_model(TINY, num_classes=-3)
+
+    src = tmp_path / "one.txt"
+    src.write_text(str(sample_photos(imagenet_dir, 1)[0]) + "\n")
+    (tmp_path / "file").write_text("x")
+    for out, expected in [(tmp_path / "file", "is a file, not a folder"),
+                          ("/proc/beit-jax-out", "cannot write to --output /proc/beit-jax-out")]:
+        res = extract_cli(src, "--output", out)
+        assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+    ok = extract_cli(src, "--output", tmp_path / "run", "--shard-size", "8")
+    assert ok.returncode == 0, ok.stderr
+    res = extract_cli(src, "--output", tmp_path / "run", "--shard-size", "4", "--resume")
+    assert res.returncode == 2 and "rows_per_unit (--shard-size): folder has 8, this run 4" in res.stderr
+    assert "--batch-size" not in res.stderr.split("rerun with the same")[1]
+    (tmp_path / "run" / "manifest.json").write_text("")
+    res = extract_cli(src, "--output", tmp_path / "run", "--shard-size", "8", "--resume")
+    assert res.returncode == 2 and "manifest.json is not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = extract_cli(empty, "--output", tmp_path / "o2")
+    assert res.returncode == 2 and "no images found" in res.stderr
+
+
+def test_convert_into_a_missing_folder(tmp_path, ft10):
+    _, path = ft10
+    res = cli("convert", path, "--model", TINY, "-o", tmp_path / "new" / "sub" / "ft10")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "new" / "sub" / "ft10.msgpack").is_file()

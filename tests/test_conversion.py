@@ -133,7 +133,7 @@ def test_cli_convert_entry_point(tmp_path):
     assert helped.returncode == 0 and "--verify" in helped.stdout and "--images" in helped.stdout
 
 
-# ---- file names and refusals a user meets (reliability round 3, item 8) ----------------------------
+# ---- file names and refusals a user meets -------------------------------------------------------
 @pytest.fixture
 def tiny_export(tmp_path):
     model, variables = beit_jax.create_model(TINY, rng=1)
@@ -199,7 +199,7 @@ def test_convert_refusals_exit_2(tiny_export, tmp_path, capsys):
                     tmp_path / "out", "lone.msgpack has no .json config beside it")
 
 
-# ---- exports of models with overridden fields (reliability round 3, item 7) -------------------------
+# ---- exports of models with overridden fields ---------------------------------------------------
 def test_export_with_overridden_fields_loads_and_converts(tmp_path, capsys):
     """A depth=3 model with a shared relative position bias, exported, is rebuilt as it was by
     create_model and by flax_to_timm (both refused it as "does not fit" before)."""

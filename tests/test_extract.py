@@ -1,8 +1,10 @@
-"""`beit-jax extract`: parity with model.apply, bad images, kill/resume, multi-device and multi-host."""
+"""`beit-jax extract`: parity with model.apply, bad images, kill/resume, signals and a full disk,
+multi-device and multi-host."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -14,7 +16,8 @@ import pytest
 import beit_jax
 from beit_jax._io import TEMP_MARKER
 from beit_jax.extract import CorruptOutputError, OutputMismatchError, extract, read_failures, read_features
-from tests.support import TINY, cli, cli_command, run_cli, run_helper, run_process_pair, subprocess_env
+from tests.support import (TINY, cli, cli_command, extract_cli, run_cli, run_helper, run_process_pair, sample_photos,
+                           subprocess_env)
 
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
@@ -252,3 +255,61 @@ def test_resume_on_another_device_count(imagenet_dir, tmp_path):
     paths, feats = read_features(out)
     assert paths == reference[0]
     np.testing.assert_allclose(feats, reference[1], rtol=0, atol=1e-6)
+
+
+# ---- stopping: signals, a full disk, nothing readable -------------------------------------------
+@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "while compiling"), (signal.SIGTERM, "mid-run")])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(sig, when, imagenet_dir, tmp_path):
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sample_photos(imagenet_dir, 200)) + "\n")
+    out = tmp_path / "o"
+    args = ["extract", src, "--output", out, "--model", TINY, "--random-weights", "--no-progress",
+            "--batch-size", "4", "--shard-size", "4", "--workers", "1"]
+    proc = subprocess.Popen(cli_command(*args), env=subprocess_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        units = len(list((out / "units").glob("*.json")))  # finished markers (not one being written)
+        if (when == "while compiling" and (out / "manifest.json").exists()) or units >= 3:
+            break
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and "Segmentation" not in err
+    assert f"{signal.Signals(sig).name}: stopping after the current batch" in err
+    assert "run the same command with --resume to continue" in err or "nothing was written" in err
+    resumed = run_cli(*args, "--resume", devices=1)
+    assert resumed.returncode == 0, resumed.stderr
+    paths, _ = read_features(out)
+    assert len(paths) == 200 and paths == [str(p) for p in sample_photos(imagenet_dir, 200)]
+
+
+def test_disk_full_says_what_was_kept(imagenet_dir, tmp_path):
+    """A real full filesystem: a 200 KB tmpfs in a private mount namespace (unshare)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    out = tmp_path / "small"
+    out.mkdir()
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sample_photos(imagenet_dir, 40)) + "\n")
+    script = (f"mount -t tmpfs -o size=200k tmpfs {out} && exec " +
+              " ".join(cli_command("extract", src, "--output", out, "--model", TINY, "--random-weights",
+                                   "--no-progress", "--batch-size", "4", "--shard-size", "4",
+                                   "--outputs", "pooled,tokens")))
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)
+    if "mount" in res.stderr and "ermission" in res.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no space left on the device writing" in res.stderr and "Traceback" not in res.stderr
+    assert "were finished and are kept" in res.stderr and "--resume" in res.stderr
+
+
+def test_every_input_failing_is_an_error(odd_dir, tmp_path):
+    src = tmp_path / "broken.txt"
+    src.write_text("\n".join(str(odd_dir / n) for n in ("broken.png", "hopper_bad.p7")) + "\n")
+    res = extract_cli(src, "--output", tmp_path / "o")
+    assert res.returncode == 2 and "every one of the 2 inputs failed" in res.stderr
+    assert len(read_failures(tmp_path / "o")) == 2  # and the ledger says why

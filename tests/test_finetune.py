@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -307,3 +308,64 @@ def test_each_process_decodes_its_rows_of_every_global_batch(tmp_path, capsys):
     assert seen  # (the broken image is in these batches: a fixed seed, a fixed order)
     assert sum(b.weights.size - b.weights.sum() for b in whole) == len(seen)
     assert all(path.endswith("broken.png") and "cannot read image" in reason for path, reason in seen)
+
+
+# ---- classes kept straight, divergence stopped, other runs kept ---------------------------------
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rdigits")
+    return (digits_folder(base / "train", n_per_class=3, size=32, offset=0),
+            digits_folder(base / "val", n_per_class=2, size=32, offset=1))
+
+
+def _finetune(*args):
+    return cli("finetune", "--model", TINY, "--random-weights", "--img-size", "32", "--batch-size", "8",
+                   "--warmup-steps", "1", "--no-progress", *args)
+
+
+def test_val_classes_are_matched_by_name(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    shifted = tmp_path / "val"  # the same classes, one missing: by position every label would move
+    shutil.copytree(val, shifted)
+    shutil.rmtree(shifted / "digit_0")
+    res = _finetune("--train", train, "--val", shifted, "--output", tmp_path / "a", "--steps", "2", "--lr", "1e-9")
+    assert res.returncode == 0, res.stderr
+    from beit_jax import finetune
+    _, labels, _ = finetune._val_by_train_classes(str(shifted), sorted(os.listdir(train)))
+    assert labels.min() == 1  # digit_1 is class 1 of the training set, not class 0
+    (shifted / "cats").mkdir()
+    shutil.copy(next((shifted / "digit_1").iterdir()), shifted / "cats" / "x.png")
+    res = _finetune("--train", train, "--val", shifted, "--output", tmp_path / "b", "--steps", "2")
+    assert res.returncode == 2 and "classes the training set does not have: ['cats']" in res.stderr
+
+
+def test_resume_with_other_classes_and_rerun_without_resume_are_refused(tiny_digits, tmp_path):
+    train, _ = tiny_digits
+    out = tmp_path / "run"
+    first = _finetune("--train", train, "--output", out, "--steps", "4", "--max-steps", "2", "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr
+    metrics = (out / "metrics.jsonl").read_text()
+    again = _finetune("--train", train, "--output", out, "--steps", "4")
+    assert again.returncode == 2 and "already holds a fine-tuning run" in again.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing of the first run was touched
+    renamed = tmp_path / "renamed"
+    shutil.copytree(train, renamed)
+    (renamed / "digit_9").rename(renamed / "nine")  # still 10 classes, one under another name
+    res = _finetune("--train", renamed, "--output", out, "--steps", "4", "--resume")
+    assert res.returncode == 2 and "trained on other classes" in res.stderr and "'nine'" in res.stderr
+
+
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tiny_digits, tmp_path):
+    train, _ = tiny_digits
+    out = tmp_path / "run"
+    res = _finetune("--train", train, "--output", out, "--steps", "6", "--lr", "1e30", "--warmup-steps", "2",
+                    "--checkpoint-every", "1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "training diverged" in res.stderr and "nothing was exported" in res.stderr
+    assert not (out / "model.msgpack").exists()
+    from flax import serialization
+    payload = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+    flat = [np.asarray(v) for v in __import__("jax").tree_util.tree_leaves(payload["state"]["params"])]
+    assert all(np.isfinite(v).all() for v in flat)  # the kept checkpoint is a good one
+    res = _finetune("--train", train, "--output", tmp_path / "nan", "--steps", "2", "--lr", "nan")
+    assert res.returncode == 2 and "lr=nan" in res.stderr

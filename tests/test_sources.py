@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +23,7 @@ import pytest
 import beit_jax
 from beit_jax.extract import AllInputsFailedError, extract, read_failures, read_features
 from beit_jax.sources import list_inputs
-from tests.support import TINY, cli
+from tests.support import TINY, cli, sample_photos, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +192,64 @@ def test_links_compressed_shards_and_repeated_keys(tiny, photos, tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
     _, _, _, failed = _run(tiny, [str(tmp_path / "junk.tar"), str(photos[0])], tmp_path / "j")
     assert "not a tar archive (plain, gzip, bz2 or xz), or empty; nothing of it was read" in failed[0]["error"]
+
+
+# ---- odd folders never hang or multiply ---------------------------------------------------------
+def test_symlink_loops_fifos_and_truncated_shards(imagenet_dir, tmp_path):
+    root = tmp_path / "tree"
+    (root / "a" / "b").mkdir(parents=True)
+    photos = sample_photos(imagenet_dir, 3)
+    for p in photos:
+        shutil.copy(p, root / "a" / p.name)
+    (root / "a" / "b" / "up").symlink_to(root / "a")  # a loop: a/b/up -> a
+    os.mkfifo(root / "a" / "pipe.jpg")  # a FIFO named like an image: reading it would block forever
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    summary = extract(str(root), str(tmp_path / "o"), model, variables, batch_size=4, progress=False)
+    paths, _ = read_features(tmp_path / "o")
+    assert sorted(Path(p).name for p in paths) == sorted(p.name for p in photos)  # each photo once
+    errors = {Path(f["path"]).name: f["error"] for f in read_failures(tmp_path / "o")}
+    assert "not a regular file" in errors["pipe.jpg"] and "symlink loop" in errors["up"]
+    assert summary["images"] == 3
+
+    import tarfile
+    shard = tmp_path / "good.tar"
+    with tarfile.open(shard, "w") as tf:
+        for p in photos:
+            tf.add(p, arcname=p.stem + ".jpg")
+    with tarfile.open(shard) as tf:
+        second = tf.getmembers()[1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: second.offset_data + second.size // 2])  # inside the 2nd image
+    extract(str(tmp_path / "*.tar"), str(tmp_path / "t"), model, variables, batch_size=4, progress=False)
+    paths, _ = read_features(tmp_path / "t")
+    kept_from_cut = [p for p in paths if "/cut.tar/" in p]
+    assert len([p for p in paths if "/good.tar/" in p]) == 3 and len(kept_from_cut) == 1
+    assert any("cut.tar" in f["path"] and "unreadable after member" in f["error"]
+               for f in read_failures(tmp_path / "t"))
+
+
+def test_unreadable_folder_is_recorded(imagenet_dir, tmp_path):
+    """A sub-folder the user cannot list. Root reads anything, so as root the listing runs without
+    the capabilities that let it (setpriv drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, still uid 0:
+    the checkout and the venv stay readable wherever they sit, even under a 0700 folder)."""
+    base = tmp_path / "tree"
+    (base / "ok").mkdir(parents=True)
+    (base / "secret").mkdir()
+    for p in sample_photos(imagenet_dir, 2):
+        shutil.copy(p, base / "ok" / p.name)
+    shutil.copy(sample_photos(imagenet_dir, 3)[2], base / "secret" / "hidden.jpg")
+    os.chmod(base / "secret", 0)
+    code = ("import json, sys; from beit_jax.sources import list_inputs; i = list_inputs(sys.argv[1]); "
+            "print(json.dumps([[r.id for r in i.items], [p.error for p in i.problems]]))")
+    cmd = [sys.executable, "-c", code, str(base)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot test an unreadable folder")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] + cmd
+    try:
+        res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(base / "secret", stat.S_IRWXU)
+    assert res.returncode == 0, res.stderr[-2000:]
+    items, problems = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(items) == 2 and len(problems) == 1 and "cannot list folder" in problems[0] and "secret" in problems[0]

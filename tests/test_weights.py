@@ -13,8 +13,9 @@ import torch
 
 import beit_jax
 from beit_jax import checkpoints
-from tests.support import (assert_round_trip_is_identity, max_abs, random_images, subprocess_env, timm_model,
-                           timm_state_dict, to_nchw)
+from beit_jax.factory import NewHeadWarning
+from tests.support import (TINY, assert_round_trip_is_identity, cli, max_abs, random_images, sample_photos, subprocess_env,
+                           timm_model, timm_state_dict, to_nchw)
 
 
 def test_round_trip_is_identity_and_timm_loads_it():
@@ -191,3 +192,39 @@ def test_unknown_names_are_clear():
         beit_jax.create_model("beit_huge_patch14_224")
     with pytest.raises(ValueError, match="known tags: in22k_ft_in22k_in1k"):
         beit_jax.create_model("beit_base_patch16_224.in1k")
+
+
+# ---- a checkpoint decides its head; exports keep their architecture; no NaN ---------------------
+def test_checkpoint_head_is_kept_by_default_and_replaced_only_loudly(ft10):
+    tm, path = ft10
+    model, variables = beit_jax.create_model(TINY, checkpoint_path=str(path))
+    assert model.num_classes == 10  # not the tag's 1000
+    x = random_images(2, 64)
+    with torch.no_grad():
+        assert max_abs(model.apply(variables, x), tm(to_nchw(x)).numpy()) < 1e-4
+    with pytest.warns(NewHeadWarning, match="10-class head; the model gets a NEW RANDOM 1000-class head"):
+        other, _ = beit_jax.create_model(TINY, checkpoint_path=str(path), num_classes=1000)
+    assert other.num_classes == 1000
+
+
+def test_export_under_another_architecture_is_refused(tmp_path):
+    model, variables = beit_jax.create_model("beitv2_base_patch16_224", num_classes=3, depth=1)
+    mp, _ = beit_jax.save_flax_checkpoint(variables, model, tmp_path / "v2")
+    with pytest.raises(ValueError, match=r"exported from beitv2_base_patch16_224\.in1k_ft_in22k_in1k, not "
+                                         r"beit_base_patch16_224.*`model=beitv2_base_patch16_224\.in1k_ft_in22k_in1k`"):
+        beit_jax.create_model("beit_base_patch16_224", checkpoint_path=mp, depth=1)
+    again, _ = beit_jax.create_model("beitv2_base_patch16_224", checkpoint_path=mp, depth=1)
+    assert again.pretrained_cfg.mean == (0.485, 0.456, 0.406)  # v2's data config, kept
+
+
+def test_non_finite_weights_are_refused(ft10, tmp_path, imagenet_dir):
+    tm, _ = ft10
+    sd = timm_state_dict(tm)
+    sd["blocks.1.mlp.fc1.weight"][0, :3] = [np.nan, np.inf, -np.inf]
+    bad = tmp_path / "nan.safetensors"
+    checkpoints.save_safetensors(sd, bad)
+    with pytest.raises(beit_jax.CheckpointMismatchError, match=r"NaN or Inf values in 1 tensors: "
+                                                               r"blocks\.1\.mlp\.fc1\.weight \(3 of"):
+        beit_jax.create_model(TINY, checkpoint_path=str(bad))
+    res = cli("classify", sample_photos(imagenet_dir, 1)[0], "--model", TINY, "--checkpoint", bad)
+    assert res.returncode == 2 and "NaN or Inf" in res.stderr and "nan%" not in res.stdout
