@@ -16,6 +16,7 @@ and refuses, listing everything, a checkpoint that does not fit. Nothing loads p
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -71,7 +72,17 @@ def _timm_shape(path: Path, shape: Tuple[int, ...]) -> Tuple[int, ...]:
 
 
 def expected_params(model) -> Dict[Path, Any]:
-    """Flat {Flax path: ShapeDtypeStruct} of the model's parameters."""
+    """Flat {Flax path: ShapeDtypeStruct} of the model's parameters (a fresh dict per call)."""
+    try:
+        return dict(_expected_params(model))
+    except TypeError:  # a field that does not hash (a list given by hand): trace it each time
+        return traverse_util.flatten_dict(abstract_variables(model)["params"])
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_params(model) -> Dict[Path, Any]:
+    # Tracing init costs seconds for the large models, and one load asks twice (the key map, then
+    # the fit); linen modules are frozen dataclasses, equal exactly when every field is
     return traverse_util.flatten_dict(abstract_variables(model)["params"])
 
 
