@@ -215,7 +215,9 @@ def test_sigkill_mid_run_then_resume_on_s3(bucket, s3_env, imagenet_dir):
     images = sorted(imagenet_dir.iterdir())[:120]
     fs.put([str(p) for p in images], "field/many/")
     args = ["s3://field/many", "--batch-size", "4", "--shard-size", "4", "--workers", "1"]
-    ref = _extract(*args, "--output", "s3://field/out/ref", env=s3_env)
+    # the reference run and the refusal below in-process (s3_env is this process's environment too);
+    # the killed run and its resume are real processes
+    ref = cli("extract", *args, "--output", "s3://field/out/ref", "--model", TINY, "--random-weights", "--no-progress")
     assert ref.returncode == 0, ref.stderr
 
     proc = subprocess.Popen(cli_command("extract", *args, "--output", "s3://field/out/killed", "--model", TINY,
@@ -247,7 +249,7 @@ def test_sigkill_mid_run_then_resume_on_s3(bucket, s3_env, imagenet_dir):
     with pytest.raises(RuntimeError, match="unfinished"):
         read_features("s3://field/out/killed")  # a partial result is never returned silently
 
-    again = _extract(*args, "--output", "s3://field/out/killed", env=s3_env)
+    again = cli("extract", *args, "--output", "s3://field/out/killed", "--model", TINY, "--random-weights", "--no-progress")
     assert again.returncode == 2 and "pass --resume" in again.stderr
     resumed = _extract(*args, "--output", "s3://field/out/killed", "--resume", env=s3_env)
     assert resumed.returncode == 0, resumed.stderr
