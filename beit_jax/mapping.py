@@ -76,7 +76,7 @@ def expected_params(model) -> Dict[Path, Any]:
     try:
         return dict(_expected_params(model))
     except TypeError:  # a field that does not hash (a list given by hand): trace it each time
-        return traverse_util.flatten_dict(abstract_variables(model)["params"])
+        return _expected_params.__wrapped__(model)
 
 
 @functools.lru_cache(maxsize=16)
