@@ -4,7 +4,7 @@
 `import beit_jax` never imports torch.
 """
 from .checkpoints import load_state_dict_file, save_flax_checkpoint, save_safetensors
-from .sinks import read_features
+from .sinks import iter_features, read_features
 from .factory import create_model, load_checkpoint
 from .hub import PretrainedUnavailableError
 from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
@@ -19,5 +19,5 @@ __all__ = [
     "CheckpointMismatchError", "PretrainedUnavailableError", "convert_timm_state_dict",
     "to_timm_state_dict", "load_checkpoint", "load_state_dict_file", "save_flax_checkpoint",
     "save_safetensors", "resolve_data_config", "create_transform", "load_image", "ImageLoadError",
-    "read_features", "cast_for_inference",
+    "read_features", "iter_features", "cast_for_inference",
 ]

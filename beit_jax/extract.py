@@ -36,7 +36,7 @@ from ._io import TEMP_MARKER
 from .data import Decoder, HostBatch, stream_batches
 from .models import cast_for_inference
 from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError, Sink,  # noqa: F401
-                    finished_units, read_failures, read_features, read_manifest, remove_unfinished_parts)
+                    finished_units, iter_features, read_failures, read_features, read_manifest, remove_unfinished_parts)
 from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, Streamed, list_inputs, prefetch
 from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
 from .transforms import create_transform, normalize, resolve_data_config
@@ -588,5 +588,5 @@ def _remove_own_temp_files(folder: Folder) -> None:
                     pass
 
 
-__all__ = ["extract", "ExtractConfig", "read_features", "read_failures", "OutputMismatchError", "CorruptOutputError", "Plan",
+__all__ = ["extract", "ExtractConfig", "read_features", "iter_features", "read_failures", "OutputMismatchError", "CorruptOutputError", "Plan",
            "Manifest", "make_forward", "run_pipeline", "OUTPUTS"]

@@ -19,7 +19,7 @@ import io
 import json
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -231,17 +231,9 @@ def _verified(folder: Folder, rel: str, info: Dict[str, Any]) -> bytes:
     return data
 
 
-def read_features(output_dir: str, output: Optional[str] = None, *, storage_options=None,
-                  allow_partial: bool = False, with_ids: bool = False):
-    """(paths, features) of an extract run, in input order (failed inputs have no row).
-
-    output: 'pooled', 'tokens' or 'logits' (default: the run's first). Every file is checked
-    against the size and sha256 recorded when it was written. An unfinished run raises unless
-    allow_partial=True, which warns and returns the finished units only. with_ids adds the id
-    column as a third value.
-    """
-    import pyarrow.parquet as pq
-
+def _finished_run(output_dir: str, output: Optional[str], storage_options, allow_partial: bool):
+    """(folder, output, {unit: marker}) of a run whose finished units may be read, else
+    CorruptOutputError (or, with allow_partial, a warning and the finished units only)."""
     folder = Folder(output_dir, storage_options)
     manifest = read_manifest(folder)
     output = output or manifest["outputs"][0]
@@ -264,26 +256,85 @@ def read_features(output_dir: str, output: Optional[str] = None, *, storage_opti
         if not allow_partial:
             raise CorruptOutputError(msg + ": finish it with extract(..., resume=True) (beit-jax extract --resume), or pass "
                                            "allow_partial=True to read the finished units")
-        warnings.warn(msg + ": returning the finished units only", stacklevel=2)
-    ids, paths, feats = [], [], []
+        warnings.warn(msg + ": returning the finished units only", stacklevel=3)
+    return folder, output, done
+
+
+def _parts(folder: Folder, output: str, done: Dict[int, Dict[str, Any]], output_dir: str):
+    """(ids, paths, features) of every part of the finished units, in input order, one part in
+    memory at a time, each file checked against its recorded size and sha256."""
+    import pyarrow.parquet as pq
+
+    last = -1
     for unit in sorted(done):
         for part in done[unit]["parts"]:
             files = part["files"]
             arr_rel, meta_rel = f"{output}/{part['stem']}.npy", f"{METADATA}/{part['stem']}.parquet"
-            feats.append(np.load(io.BytesIO(_verified(folder, arr_rel, files[arr_rel]))))
+            feats = np.load(io.BytesIO(_verified(folder, arr_rel, files[arr_rel])))
             table = pq.read_table(io.BytesIO(_verified(folder, meta_rel, files[meta_rel])), columns=["id", "path"])
-            ids.append(np.asarray(table.column("id").to_pylist(), np.int64))
-            paths.extend(table.column("path").to_pylist())
+            ids = np.asarray(table.column("id").to_pylist(), np.int64)
+            if len(ids) != len(feats):
+                raise CorruptOutputError(f"{folder.url_of(meta_rel)} has {len(ids)} rows, {folder.url_of(arr_rel)} "
+                                         f"{len(feats)}")
+            # a unit's rows are written in key order and units follow input order: anything else
+            # is a folder mixing runs
+            if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
+                raise CorruptOutputError(f"{output_dir}: rows out of input order or repeated in "
+                                         f"{folder.url_of(meta_rel)} (mixed runs?)")
+            last = int(ids[-1]) if len(ids) else last
+            yield ids, table.column("path").to_pylist(), feats
+
+
+def iter_features(output_dir: str, output: Optional[str] = None, *, batch_rows: int = 65536,
+                  storage_options=None, allow_partial: bool = False) -> Iterator[Tuple[np.ndarray, List[str], np.ndarray]]:
+    """(ids, paths, features) of an extract run in chunks of `batch_rows` rows (the last one
+    shorter), in input order, holding at most one written part plus one chunk in memory: for
+    outputs larger than memory. The same checks as read_features: the run is refused before the
+    first chunk if unfinished (allow_partial: warn and read the finished units), every file is
+    checked against its size and sha256 as it is read (CorruptOutputError naming it).
+    """
+    if not isinstance(batch_rows, int) or isinstance(batch_rows, bool) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be a positive integer (got {batch_rows!r})")
+    folder, output, done = _finished_run(output_dir, output, storage_options, allow_partial)
+    return _chunks(_parts(folder, output, done, output_dir), batch_rows)
+
+
+def _chunks(parts, batch_rows: int):
+    ids, paths, feats, held = [], [], [], 0
+    for i, p, f in parts:
+        ids.append(i)
+        paths.extend(p)
+        feats.append(f)
+        held += len(i)
+        while held >= batch_rows:
+            all_ids, all_feats = np.concatenate(ids), np.concatenate(feats)
+            yield all_ids[:batch_rows], paths[:batch_rows], all_feats[:batch_rows]
+            ids, paths, feats = [all_ids[batch_rows:]], paths[batch_rows:], [all_feats[batch_rows:]]
+            held -= batch_rows
+    if held:
+        yield np.concatenate(ids), paths, np.concatenate(feats)
+
+
+def read_features(output_dir: str, output: Optional[str] = None, *, storage_options=None,
+                  allow_partial: bool = False, with_ids: bool = False):
+    """(paths, features) of an extract run, in input order (failed inputs have no row).
+
+    output: 'pooled', 'tokens' or 'logits' (default: the run's first). Every file is checked
+    against the size and sha256 recorded when it was written. An unfinished run raises unless
+    allow_partial=True, which warns and returns the finished units only. with_ids adds the id
+    column as a third value. For outputs larger than memory: iter_features.
+    """
+    folder, output, done = _finished_run(output_dir, output, storage_options, allow_partial)
+    ids, paths, feats = [], [], []
+    for i, p, f in _parts(folder, output, done, output_dir):
+        ids.append(i)
+        paths.extend(p)
+        feats.append(f)
     if not ids:
         empty = np.zeros((0,), np.float32)
         return ([], empty, np.zeros((0,), np.int64)) if with_ids else ([], empty)
-    ids = np.concatenate(ids)
-    if len(np.unique(ids)) != len(ids):
-        raise CorruptOutputError(f"{output_dir}: duplicate rows across units (mixed runs?)")
-    order = np.argsort(ids, kind="stable")
-    feats = np.concatenate(feats)[order]
-    paths = [paths[i] for i in order]
-    return (paths, feats, ids[order]) if with_ids else (paths, feats)
+    ids, feats = np.concatenate(ids), np.concatenate(feats)
+    return (paths, feats, ids) if with_ids else (paths, feats)
 
 
 def read_failures(output_dir: str, storage_options=None) -> List[Dict[str, str]]:

@@ -148,3 +148,56 @@ def test_parts_are_bounded_by_bytes(imagenet_dir, tmp_path):
     from beit_jax.storage import Folder
     writer = FeatureWriter(Folder(str(tmp_path / "x")), ["tokens"], output_row_floats(big, ["tokens"]), [])
     assert writer.rows_per_part * output_row_floats(big, ["tokens"])["tokens"] <= 256 << 20  # not 17 GB
+
+
+# ---- streaming reads ------------------------------------------------------------------------------
+def test_iter_features_streams_in_input_order_and_checks_every_file(imagenet_dir, tmp_path):
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    from beit_jax.sinks import parquet_bytes
+
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    photos = sample_photos(imagenet_dir, 12)
+    out = tmp_path / "o"
+    extract([str(p) for p in photos], str(out), model, variables, batch_size=4, shard_size=5,
+            part_bytes=3 * 64 * 4, progress=False)  # units of 5, 5, 2 rows; parts of at most 3 rows
+    paths, feats, ids = read_features(out, with_ids=True)
+    assert paths == [str(p) for p in photos] and list(ids) == list(range(12))
+    chunks = list(beit_jax.iter_features(out, batch_rows=5))
+    assert [len(c[0]) for c in chunks] == [5, 5, 2]  # across part and unit boundaries
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), ids)
+    assert sum((c[1] for c in chunks), []) == paths
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), feats)
+    with pytest.raises(ValueError, match="batch_rows must be a positive integer"):
+        beit_jax.iter_features(out, batch_rows=0)
+
+    last = sorted((out / "pooled").iterdir())[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0x55
+    last.write_bytes(bytes(data))
+    stream = beit_jax.iter_features(out, batch_rows=5)
+    np.testing.assert_array_equal(next(stream)[2], feats[:5])  # what comes before the damage is read
+    with pytest.raises(CorruptOutputError, match=rf"{last.name} does not match what was written"):
+        list(stream)
+    data[-1] ^= 0x55
+    last.write_bytes(bytes(data))
+
+    # a part whose rows are out of input order (a folder mixing runs) is refused, not re-sorted
+    marker_path = out / "units" / "0000001.json"
+    marker = json.loads(marker_path.read_text())
+    part = marker["parts"][0]
+    rel = f"metadata/{part['stem']}.parquet"
+    table = pq.read_table(out / rel)
+    blob = parquet_bytes({"id": table.column("id").to_pylist()[::-1], "path": table.column("path").to_pylist()})
+    (out / rel).write_bytes(blob)
+    part["files"][rel] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(CorruptOutputError, match=r"rows out of input order or repeated in .*0000001-0000\.parquet"):
+        read_features(out)
+
+    (out / "units" / "0000002.json").unlink()
+    with pytest.raises(CorruptOutputError, match="unit marker is missing"):
+        beit_jax.iter_features(out)  # refused before the first chunk
