@@ -37,7 +37,7 @@ from .data import Decoder, HostBatch, stream_batches
 from .models import cast_for_inference
 from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError, Sink,  # noqa: F401
                     finished_units, iter_features, read_failures, read_features, read_manifest, remove_unfinished_parts)
-from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, Streamed, list_inputs, prefetch
+from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, Listed, RefList, Streamed, list_inputs, prefetch
 from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
 from .transforms import create_transform, normalize, resolve_data_config
 
@@ -86,63 +86,85 @@ def output_row_floats(model, outputs: Sequence[str]) -> Dict[str, int]:
 # ---- plan ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A unit of work: listed inputs (refs, keyed, starting at input index `start`) or one
-    Streamed source (a tar shard), keyed while it is read."""
+    """A unit of work: `count` listed inputs starting at input index `start`, as slices
+    (Listed, lo, hi) of what SRC listed (read when the unit runs), or one Streamed source (a tar
+    shard), keyed while it is read."""
     index: int
-    refs: Optional[List[ImageRef]] = None
+    pieces: Tuple[Tuple[Listed, int, int], ...] = ()
     source: Optional[Streamed] = None
     start: int = 0
+    count: int = 0
 
 
 class Plan:
     """The inputs cut into units, and this process's contiguous block of them.
 
-    Listed inputs are cut into units of `rows_per_unit`; each Streamed source is a unit. Row keys
-    (the `id` column) are input indices when every input is listed up front (files, lists,
-    tables); with streamed sources, whose samples are only known while reading, a row's key is
+    Listed inputs are cut into units of `rows_per_unit`; each Streamed source is a unit. A unit
+    holds slices of the listing, not its refs: a parquet table's rows are read only when their
+    unit runs, so a plan of 100M table rows is a few thousand small objects. Row keys (the `id`
+    column) are input indices when every input is listed up front (files, lists, tables); with
+    streamed sources, whose samples are only known while reading, a row's key is
     (unit << 32) | position in the unit. Both sort in input order.
     """
 
     def __init__(self, inputs: Inputs, rows_per_unit: int, process_index: int = 0, process_count: int = 1):
         self.process_index, self.process_count = process_index, process_count
-        items = inputs.items + inputs.problems
-        self.listed_only = not any(isinstance(i, Streamed) for i in items)
-        self.num_inputs = len(items)
-        units: List[Unit] = []
-        pending: List[ImageRef] = []
-        position = 0
-
-        def cut():
-            nonlocal pending
-            for lo in range(0, len(pending), rows_per_unit):
-                u, start = len(units), position - len(pending) + lo
-                units.append(Unit(u, [dataclasses.replace(r, index=self._key(u, start + k, k))
-                                      for k, r in enumerate(pending[lo:lo + rows_per_unit])], start=start))
-            pending = []
-
-        for item in items:
-            if isinstance(item, Streamed):
-                cut()
-                units.append(Unit(len(units), source=item))
+        segments: List[Any] = []
+        for item in list(inputs.items) + list(inputs.problems):  # single refs grouped into RefLists
+            if isinstance(item, ImageRef):
+                if not segments or type(segments[-1]) is not RefList:
+                    segments.append(RefList())
+                segments[-1].append(item)
             else:
-                pending.append(item)
-            position += 1
-        cut()
+                segments.append(item)
+        self.listed_only = not any(isinstance(i, Streamed) for i in segments)
+        units: List[Unit] = []
+        pieces: List[Tuple[Listed, int, int]] = []
+        filled = position = 0
+
+        def close():
+            nonlocal pieces, filled
+            if filled:
+                units.append(Unit(len(units), tuple(pieces), start=position - filled, count=filled))
+            pieces, filled = [], 0
+
+        for seg in segments:
+            if isinstance(seg, Streamed):
+                close()
+                units.append(Unit(len(units), source=seg, start=position))
+                position += 1
+                continue
+            lo, n = 0, len(seg)
+            while lo < n:
+                take = min(n - lo, rows_per_unit - filled)
+                pieces.append((seg, lo, lo + take))
+                lo, filled, position = lo + take, filled + take, position + take
+                if filled == rows_per_unit:
+                    close()
+        close()
         self.units = units
+        self.num_inputs = position
         per, extra = divmod(len(units), process_count)
         lo = process_index * per + min(process_index, extra)
         self.mine = units[lo:lo + per + (process_index < extra)]
-        self.fingerprint = _fingerprint(items)
+        self.fingerprint = _fingerprint(segments)
 
     def _key(self, unit: int, index: int, position: int) -> int:
         return index if self.listed_only else (unit << 32) | position
 
     def refs_of(self, unit: Unit) -> Iterator[ImageRef]:
-        """The unit's inputs with their row keys; a streamed source is read here."""
-        if unit.source is None:
-            return iter(unit.refs)
-        return (dataclasses.replace(r, index=self._key(unit.index, 0, k))
-                for k, r in enumerate(unit.source.stream()))
+        """The unit's inputs with their row keys; its table rows or streamed source are read here."""
+        if unit.source is not None:
+            return (dataclasses.replace(r, index=self._key(unit.index, 0, k))
+                    for k, r in enumerate(unit.source.stream()))
+
+        def listed():
+            k = 0
+            for seg, lo, hi in unit.pieces:
+                for r in seg.refs(lo, hi):
+                    yield dataclasses.replace(r, index=self._key(unit.index, unit.start + k, k))
+                    k += 1
+        return listed()
 
     def unit_of(self, key: int) -> int:
         if not self.listed_only:
@@ -157,10 +179,12 @@ class Plan:
         return self.units[lo].index
 
 
-def _fingerprint(items) -> str:
+def _fingerprint(segments) -> str:
+    """The inputs' identity: each listed ref's and streamed source's id, a TableFile's file id."""
     h = hashlib.sha256()
-    for i in items:
-        h.update(i.id.encode("utf-8", "surrogateescape") + b"\0")
+    for seg in segments:
+        for i in (seg if isinstance(seg, RefList) else [seg]):
+            h.update(i.id.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
 
@@ -509,7 +533,7 @@ def _run(job: _Job) -> Dict[str, Any]:
     bar = None
     if cfg.progress and dp.process_index == 0:
         from tqdm.auto import tqdm
-        total = sum(len(u.refs) for u in todo) if plan.listed_only else None
+        total = sum(u.count for u in todo) if plan.listed_only else None
         bar = tqdm(total=total, unit="img", desc=f"extract ({dp.num_devices} devices, {cfg.parallel})",
                    dynamic_ncols=True, file=sys.stderr)
 

@@ -14,9 +14,12 @@ SRC (one or several, any local path or fsspec URL; see storage.py):
                            taken by extension, id '<shard>/<key>'; read as one sequential stream
   image file               itself
 
-Listed inputs (files, URLs, table rows) become `ImageRef`s at once; a tar shard is listed as one
-`TarShard`, a `Streamed` source read when its turn comes (`stream_tar`), so its samples are never
-counted or fetched twice. A bad input never raises here: it becomes a ref carrying its error.
+Listed inputs are known up front: files, list lines and csv/jsonl rows become `ImageRef`s at once
+(a `RefList`); a parquet table is a `TableFile`, listed from its footer (row count and schema) and
+read a row group at a time when a unit needs its rows, so start-up and memory do not grow with its
+rows. A tar shard is listed as one `TarShard`, a `Streamed` source read when its turn comes
+(`stream_tar`), so its samples are never counted or fetched twice. A bad input never raises here:
+it becomes a ref carrying its error.
 """
 from __future__ import annotations
 
@@ -97,12 +100,77 @@ class TarShard(Streamed):
         return stream_tar(self)
 
 
+class Listed:
+    """A run of inputs known up front, read in slices: `len()` inputs, `refs(lo, hi)` the ImageRefs of
+    [lo, hi) in order, `id` what the run's identity fingerprints (None: each ref's id)."""
+    id: Optional[str] = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def refs(self, lo: int, hi: int) -> List["ImageRef"]:
+        raise NotImplementedError
+
+
+class RefList(list, Listed):
+    """Inputs listed one by one (folder walks, list files, csv/jsonl tables): held as ImageRefs."""
+
+    def refs(self, lo: int, hi: int) -> List["ImageRef"]:
+        return self[lo:hi]
+
+
+class TableFile(Listed):
+    """A parquet table, listed from its footer alone (row count, schema): its rows become ImageRefs
+    only when a unit needs them, so listing costs one footer read per file, whatever its size.
+    `id` fingerprints the file (URL, size, etag or mtime, rows), not its rows."""
+
+    def __init__(self, fs, path: str, column: str, renamed: Dict[str, str], info: Dict[str, Any],
+                 row_groups: Sequence[int], file_types: Dict[str, Any], run_types: Dict[str, Any],
+                 storage_options=None):
+        self.fs, self.path, self.url, self.column, self.renamed = fs, path, unstrip(fs, path), column, renamed
+        self.file_types, self.run_types, self.storage_options = file_types, run_types, storage_options
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(row_groups, np.int64))])
+        self.num_rows = int(self.starts[-1])
+        version = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("mtime") or info.get("LastModified")
+        self.id = f"table:{self.url}\0{info.get('size')}\0{version}\0{self.num_rows}"
+        self._lock = threading.Lock()
+        self._cached: Tuple[int, Any] = (-1, None)  # (row group, its table): consecutive units share one
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _row_group(self, g: int):
+        import pyarrow.parquet as pq
+
+        with self._lock:
+            if self._cached[0] != g:
+                with self.fs.open(self.path, "rb") as f:
+                    table = pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed])
+                self._cached = (g, table)
+            return self._cached[1]
+
+    def refs(self, lo: int, hi: int) -> List["ImageRef"]:
+        try:
+            out = []
+            g = int(np.searchsorted(self.starts, lo, side="right")) - 1
+            while lo < hi:
+                first, last = int(self.starts[g]), int(self.starts[g + 1])
+                table = self._row_group(g).slice(lo - first, min(hi, last) - lo)
+                out.extend(_table_refs(self.fs, self.path, table, self.column, self.renamed, self.storage_options, lo,
+                                       _converters(self.file_types, self.run_types, self.renamed)))
+                lo, g = min(hi, last), g + 1
+            return out
+        except Exception as e:  # noqa: BLE001 - a table that changed or broke since listing: its rows fail, said
+            return [ImageRef(f"{self.url}#row{n}", "", error=f"{self.url}: rows {lo}-{hi - 1} could not be read "
+                                                              f"({type(e).__name__}: {e})") for n in range(lo, hi)]
+
+
 @dataclasses.dataclass
 class Inputs:
     """Everything SRC names, in input order: ImageRefs (listed inputs) and Streamed sources (tar
     shards), plus the passthrough column names (tables) and problems met while listing (unreadable
     folders, symlink loops)."""
-    items: List[Union[ImageRef, Streamed]]
+    items: List[Union[ImageRef, Listed, Streamed]]
     columns: List[str]
     problems: List[ImageRef]
     src: str = "SRC"  # what was listed, for messages
@@ -176,14 +244,15 @@ def _add_column_types(out: Inputs, schema, renamed: Dict[str, str], where: str) 
 
 
 def _recast_columns(out: Inputs) -> None:
-    """Values of columns whose type was unified, converted to it (str / float); None stays None."""
+    """Values of columns whose type was unified, converted to it (str / float); None stays None.
+    (Rows of listed-only-by-footer TableFiles are converted when read.)"""
     import pyarrow as pa
 
     if not out._recast:
         return
     conv = {c: (str if pa.types.is_string(t) else float) for c, t in out._recast.items()}
-    for ref in out.items:
-        if isinstance(ref, ImageRef) and ref.meta:
+    for ref in (r for item in out.items if isinstance(item, RefList) for r in item):  # TableFiles convert as read
+        if ref.meta:
             for c, f in conv.items():
                 if ref.meta.get(c) is not None:
                     ref.meta[c] = f(ref.meta[c])
@@ -228,7 +297,7 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
     elif ext in LIST_EXTENSIONS:
         out.items.extend(_read_list(fs, path, storage_options))
     elif ext in TABLE_EXTENSIONS:
-        out.items.extend(_read_table(fs, path, storage_options, path_column, out))
+        out.items.extend(_read_table(fs, path, storage_options, path_column, out))  # a Listed, not its rows
     elif is_image_name(path):
         out.items.append(_ref(fs, path))
     else:
@@ -314,38 +383,75 @@ def _read_list(fs, path: str, storage_options) -> List[ImageRef]:
     return refs
 
 
-def _read_table(fs, path: str, storage_options, path_column: Optional[str], out: Inputs) -> List[ImageRef]:
-    with fs.open(path, "rb") as f:
-        ext = _ext(path)
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(f)
-        elif ext == ".csv":
-            import pyarrow.csv as pacsv
-            table = pacsv.read_csv(f)
-        else:
-            import pyarrow.json as pajson
-            table = pajson.read_json(f)
-    names = table.column_names
+def _path_column(fs, path: str, names: Sequence[str], path_column: Optional[str]) -> str:
     col = path_column or next((c for c in PATH_COLUMNS if c in names), None)
     if col is None or col not in names:
         wanted = repr(path_column) if path_column else " or ".join(PATH_COLUMNS)
         raise ValueError(f"{unstrip(fs, path)}: no {wanted} column (it has {', '.join(names)}); "
                          f"name the column with `path_column`")
-    rest = [c for c in names if c != col]
-    renamed = {c: (f"input_{c}" if c in RESERVED_COLUMNS else c) for c in rest}
-    for c in rest:
-        if renamed[c] not in out.columns:
-            out.columns.append(renamed[c])
-    _add_column_types(out, table.schema, renamed, unstrip(fs, path))
+    return col
+
+
+def _table_columns(fs, path: str, schema, path_column: Optional[str], out: Inputs) -> Tuple[str, Dict[str, str]]:
+    """(path column, {passthrough column: its output name}), recorded in `out`."""
+    names = schema.names
+    col = _path_column(fs, path, names, path_column)
+    renamed = {c: (f"input_{c}" if c in RESERVED_COLUMNS else c) for c in names if c != col}
+    for c in renamed.values():
+        if c not in out.columns:
+            out.columns.append(c)
+    _add_column_types(out, schema, renamed, unstrip(fs, path))
+    return col, renamed
+
+
+def _read_table(fs, path: str, storage_options, path_column: Optional[str], out: Inputs) -> List[Listed]:
+    ext = _ext(path)
+    if ext == ".parquet":  # the footer only: rows are read when their unit runs
+        import pyarrow.parquet as pq
+
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        except Exception as e:  # noqa: BLE001 - not parquet, truncated: name the file
+            raise ValueError(f"{unstrip(fs, path)}: not a readable parquet file ({type(e).__name__}: {e})") from e
+        schema = meta.schema.to_arrow_schema()
+        col, renamed = _table_columns(fs, path, schema, path_column, out)
+        return [TableFile(fs, path, col, renamed, fs.info(path), [meta.row_group(g).num_rows
+                                                                  for g in range(meta.num_row_groups)],
+                          {c: schema.field(c).type for c in renamed}, out.column_types, storage_options)]
+    with fs.open(path, "rb") as f:
+        if ext == ".csv":
+            import pyarrow.csv as pacsv
+            table = pacsv.read_csv(f)
+        else:
+            import pyarrow.json as pajson
+            table = pajson.read_json(f)
+    col, renamed = _table_columns(fs, path, table.schema, path_column, out)
+    return [RefList(_table_refs(fs, path, table, col, renamed, storage_options, 0))]
+
+
+def _converters(file_types: Dict[str, Any], run_types: Dict[str, Any], renamed: Dict[str, str]) -> Dict[str, Callable]:
+    """Output column -> str / float, where the run's type of a column differs from this file's."""
+    import pyarrow as pa
+
+    return {name: (str if pa.types.is_string(run_types[name]) else float) for c, name in renamed.items()
+            if name in run_types and run_types[name] != file_types[c] and not pa.types.is_null(run_types[name])}
+
+
+def _table_refs(fs, path: str, table, col: str, renamed: Dict[str, str], storage_options, row0: int,
+                conv: Optional[Dict[str, Callable]] = None) -> List[ImageRef]:
+    """A ref per row of `table` (rows row0.. of the file at path)."""
     base = posixpath.dirname(path) if not is_local_fs(fs) else os.path.dirname(path)
+    rest = list(renamed)
     rows = table.select(rest).to_pylist() if rest else [{}] * table.num_rows
-    refs = []
-    for entry, row in zip(table.column(col).to_pylist(), rows):
+    refs, conv = [], conv or {}
+    for n, (entry, row) in enumerate(zip(table.column(col).to_pylist(), rows), row0):
         meta = {renamed[k]: _plain(v) for k, v in row.items()}
+        for c, f in conv.items():
+            if meta.get(c) is not None:
+                meta[c] = f(meta[c])
         if entry is None or str(entry).strip() == "":
-            refs.append(ImageRef(f"{unstrip(fs, path)}#row{len(refs)}", "", error=f"empty {col!r} value",
-                                 meta=meta))
+            refs.append(ImageRef(f"{unstrip(fs, path)}#row{n}", "", error=f"empty {col!r} value", meta=meta))
             continue
         entry = str(entry)
         efs, epath = _join(fs, base, entry, storage_options)
