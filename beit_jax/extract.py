@@ -34,6 +34,7 @@ from . import parallel as par
 from ._config import option
 from ._io import TEMP_MARKER
 from .data import Decoder, HostBatch, stream_batches
+from .elastic import Leases, claimed_units
 from .models import cast_for_inference
 from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOutputError, FeatureWriter, OutputMismatchError, Sink,  # noqa: F401
                     finished_units, iter_features, read_failures, read_features, read_manifest, remove_unfinished_parts)
@@ -205,14 +206,17 @@ class Manifest:
     # the global batch size (its default follows the device count): units are global and a row
     # does not depend on the batch it ran in, so a run may resume on another number of hosts/devices.
     IDENTITY_KEYS = ("format", "model", "weights_sha256", "outputs", "dtype", "storage_dtype", "img_size",
-                     "data_config", "num_inputs", "inputs_sha256", "rows_per_unit", "rows_per_part", "columns")
+                     "data_config", "num_inputs", "inputs_sha256", "rows_per_unit", "rows_per_part", "columns",
+                     "elastic")
+    DEFAULTS = {"elastic": False}  # for manifests written before the field existed
 
     # What the user changes to change a field (for refusals; the CLI says the flags).
     CHANGED_BY = {"model": "`model`", "weights_sha256": "the weights (`checkpoint_path`)", "outputs": "`outputs`",
                   "dtype": "`dtype`", "storage_dtype": "`storage_dtype`", "img_size": "`img_size` / the model",
                   "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
                   "rows_per_unit": "`shard_size`", "rows_per_part": "`outputs`",
-                  "columns": "SRC (table columns)", "format": "the beit-jax version"}
+                  "columns": "SRC (table columns)", "format": "the beit-jax version",
+                  "elastic": "`elastic` (a folder is written by elastic workers, or by one plain run)"}
 
     def __init__(self, folder: Folder, fields: Dict[str, Any]):
         self.folder, self.fields = folder, fields
@@ -236,20 +240,12 @@ class Manifest:
 
     def _check(self, resume: bool) -> None:
         url = self.folder.url
-        has_units = bool(self.folder.listdir(UNITS))
         if not self.folder.exists(MANIFEST):
-            if has_units:
+            if self.folder.listdir(UNITS):
                 raise OutputMismatchError(f"{url} holds {UNITS}/ but no {MANIFEST}; use an empty folder")
             return
         existing = read_manifest(self.folder)
-        diffs = [k for k in self.IDENTITY_KEYS if existing.get(k) != self.fields.get(k)]
-        if diffs:
-            detail = "; ".join(f"{k} ({self.CHANGED_BY.get(k, k)}): folder has {existing.get(k)!r}, this run "
-                               f"{self.fields.get(k)!r}" if k not in ("weights_sha256", "inputs_sha256")
-                               else f"{k} ({self.CHANGED_BY[k]}) differs" for k in diffs)
-            raise OutputMismatchError(
-                f"{url} holds outputs of a different run: {detail}. Use another `output_dir`; to resume, "
-                f"rerun with the same {', '.join(dict.fromkeys(self.CHANGED_BY.get(k, k) for k in diffs))}.")
+        self._refuse_another_run(existing)
         if not resume and existing.get("status") != "complete":
             raise OutputMismatchError(f"{url} holds an unfinished run of the same config: pass `resume=True` to "
                                       f"continue it, or use another `output_dir`")
@@ -263,12 +259,44 @@ class Manifest:
             raise OutputMismatchError(f"{url} already holds a complete run; pass `resume=True` to reuse it "
                                       f"(nothing to do) or use another `output_dir`")
 
-    def finalize(self, num_units: int) -> Dict[str, Any]:
-        """Gather every unit's failures into failed.jsonl and mark the run complete."""
-        done, problems = finished_units(self.folder)
+    def _refuse_another_run(self, existing: Dict[str, Any]) -> None:
+        def get(fields, k):
+            return fields.get(k, self.DEFAULTS.get(k))
+
+        diffs = [k for k in self.IDENTITY_KEYS if get(existing, k) != get(self.fields, k)]
+        if diffs:
+            detail = "; ".join(f"{k} ({self.CHANGED_BY.get(k, k)}): folder has {get(existing, k)!r}, this run "
+                               f"{get(self.fields, k)!r}" if k not in ("weights_sha256", "inputs_sha256")
+                               else f"{k} ({self.CHANGED_BY[k]}) differs" for k in diffs)
+            raise OutputMismatchError(
+                f"{self.folder.url} holds outputs of a different run: {detail}. Use another `output_dir`; to "
+                f"resume, rerun with the same {', '.join(dict.fromkeys(self.CHANGED_BY.get(k, k) for k in diffs))}.")
+
+    def open_elastic(self) -> bool:
+        """An elastic worker joins the run in this folder, creating its manifest if it is the first
+        (create-if-absent: of workers starting together one creates it, the others check it).
+        Another run's outputs are refused as by `open`. True if the run is already complete."""
+        if not self.folder.exists(MANIFEST):
+            if self.folder.listdir(UNITS):
+                raise OutputMismatchError(f"{self.folder.url} holds {UNITS}/ but no {MANIFEST}; use an empty folder")
+            if self.folder.create(MANIFEST, json.dumps(dict(self.fields, status="running"), indent=2).encode()):
+                return False
+        existing = read_manifest(self.folder)
+        self._refuse_another_run(existing)
+        return existing.get("status") == "complete"
+
+    def finalize(self, num_units: int, retried: Sequence[int] = ()) -> Dict[str, Any]:
+        """Gather every unit's failures into failed.jsonl and mark the run complete. `retried`:
+        units of an elastic run that more than one worker claimed; part files of theirs that their
+        marker does not list (a worker that lost the unit and died before removing them) go."""
+        sizes = self.folder.sizes()
+        done, problems = finished_units(self.folder, sizes)
         if len(done) != num_units or problems:
             raise CorruptOutputError(f"{self.folder.url}: {len(done)} of {num_units} units finished "
                                      f"({'; '.join(problems[:3]) or 'a process did not finish'}); rerun with `resume=True`")
+        for unit in retried:
+            kept = {f for p in done[unit]["parts"] for f in p["files"]}
+            remove_unfinished_parts(self.folder, [unit], {r: n for r, n in sizes.items() if r not in kept})
         failed = [f for u in sorted(done) for f in done[u]["failed"]]
         rows = sum(m["rows"] for m in done.values())
         self.folder.write(FAILED, "".join(json.dumps(f) + "\n" for f in failed).encode())
@@ -353,15 +381,16 @@ class UnitTracker:
 
     def __init__(self, plan: Plan, todo: Sequence[Unit], writer: Sink, outputs: Sequence[str]):
         self.plan, self.writer, self.outputs = plan, writer, outputs
-        self.todo = [u.index for u in todo]
+        self.todo = [u.index for u in todo]  # in the order their rows come; an elastic worker appends as it claims
         self.next = 0  # position in todo of the first unit not closed yet
 
     @property
     def closed(self) -> int:
         return self.next
 
-    def _close_until(self, unit: int) -> None:
-        while self.next < len(self.todo) and self.todo[self.next] < unit:
+    def _close_until(self, unit: Optional[int]) -> None:
+        """Close the units before `unit` in todo (None: all of them)."""
+        while self.next < len(self.todo) and self.todo[self.next] != unit:
             self.writer.close(self.todo[self.next])
             self.next += 1
 
@@ -376,7 +405,7 @@ class UnitTracker:
                             [(hb.refs[s], errors[hb.refs[s].index]) for s in mine if not hb.valid[s]])
 
     def finish(self) -> None:
-        self._close_until(1 << 62)
+        self._close_until(None)
 
 
 # ---- extract ------------------------------------------------------------------------------------
@@ -407,10 +436,18 @@ class ExtractConfig:
                           choices=("thread", "process"))
     prefetch_shards: int = option(2, "tar shards streamed in ahead of the one being decoded", minimum=0, cli=False)
     resume: bool = option(False, "continue a killed run in the same folder: finished units are kept")
+    elastic: bool = option(False, "one of any number of independent workers (started and stopped at any time, "
+                                  "sharing only the output folder; no --distributed): each claims units with a "
+                                  "lease, takes over expired ones, and exits 0 when every unit is finished")
+    lease_seconds: float = option(120.0, "elastic: a claim not renewed for this long is taken over by another "
+                                         "worker (renewed every quarter of it)")
     verify: bool = option(False, "when resuming: check the sha256 of every finished file, not just its size")
     progress: bool = option(True, "show a progress bar", flag="--no-progress")
 
     def __post_init__(self):
+        if isinstance(self.lease_seconds, bool) or not isinstance(self.lease_seconds, (int, float)) or not (
+                self.lease_seconds > 0):
+            raise ValueError(f"lease_seconds must be a positive number (got {self.lease_seconds!r})")
         outputs = tuple(dict.fromkeys([self.outputs] if isinstance(self.outputs, str) else self.outputs))
         object.__setattr__(self, "outputs", outputs)
         bad = [o for o in outputs if o not in OUTPUTS]
@@ -476,12 +513,18 @@ def extract(src, output_dir: str, model, variables, config: Optional[ExtractConf
         raise ValueError(f"no images found in {inputs.src} (looked for "
                          f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files, lists, tables, tar shards)")
     dp = par.DataParallel(cfg.parallel)
+    if cfg.elastic and dp.process_count > 1:
+        raise ValueError("`elastic` workers run independently, each on its own devices: start them without "
+                         "`jax.distributed` (--distributed); lockstep multi-host runs are the plain mode")
+    if cfg.elastic and cfg.resume:
+        raise ValueError("`elastic` workers always continue the run in `output_dir`: drop `resume`")
     local_batch = dp.local_batch_size(cfg.batch_size)
     step = dp.inference_step(make_forward(model, cfg.outputs, data_cfg["mean"], data_cfg["std"]))
     plan = Plan(inputs, cfg.shard_size, dp.process_index, dp.process_count)
+    leases = Leases(folder, cfg.lease_seconds, UNITS) if cfg.elastic else None
     writer = FeatureWriter(folder, cfg.outputs, output_row_floats(model, cfg.outputs), inputs.columns,
                            cfg.storage_dtype, cfg.part_bytes, process=dp.process_index,
-                           column_types=inputs.column_types)
+                           column_types=inputs.column_types, claims=leases)
 
     folder.makedirs()
     manifest = Manifest(folder, {
@@ -504,12 +547,16 @@ def extract(src, output_dir: str, model, variables, config: Optional[ExtractConf
         "row_keys": "input index" if plan.listed_only else "(unit << 32) | position in unit",
         "parallel": cfg.parallel,
         "process_count": dp.process_count,
+        "elastic": cfg.elastic,
     })
+    job = _Job(cfg, manifest, folder, plan, dp, step, writer, model, variables, transform, local_batch,
+               stop or threading.Event(), t_start, defaults.hint)
+    if leases is not None:
+        return _run_elastic(job, leases, already_complete=manifest.open_elastic())
     lock = WriterLock(folder) if dp.process_index == 0 else None
     try:
         manifest.open(cfg.resume, lock)
-        return _run(_Job(cfg, manifest, folder, plan, dp, step, writer, model, variables, transform, local_batch,
-                         stop or threading.Event(), t_start, defaults.hint))
+        return _run(job)
     finally:
         if lock is not None:
             lock.release()
@@ -569,26 +616,111 @@ def _run(job: _Job) -> Dict[str, Any]:
         if dp.process_index == 0:
             job.manifest.finalize(len(plan.units))
         par.sync("beit-jax-finalized")
-        totals = read_manifest(folder)
-        if totals["rows"] == 0 and totals["failed"] > 0:
-            first = json.loads(folder.read(FAILED).decode().splitlines()[0])
-            raise AllInputsFailedError(
-                f"every one of the {totals['failed']} inputs failed, so {folder.url} holds no features (see "
-                f"{folder.url_of(FAILED)}; the first: {first['path']}: {first['error']})")
-        if totals["rows"] == 0 and totals["failed"] == 0:  # only tar shards, and they held no samples
-            raise AllInputsFailedError(f"no images found: the {len(plan.units)} tar shards of SRC hold no samples, "
-                                       f"so {folder.url} holds no features")
+        _refuse_empty(folder, plan)
+    return _summary(job, stats, skipped_units=int(is_done.sum()), redone_units=len(problems), interrupted=interrupted,
+                    finished_units=int(is_done.sum()) + tracker.closed)
+
+
+def _refuse_empty(folder: Folder, plan: Plan) -> None:
+    """A complete run without a single feature is an error, not rc 0."""
+    totals = read_manifest(folder)
+    if totals["rows"] == 0 and totals["failed"] > 0:
+        first = json.loads(folder.read(FAILED).decode().splitlines()[0])
+        raise AllInputsFailedError(
+            f"every one of the {totals['failed']} inputs failed, so {folder.url} holds no features (see "
+            f"{folder.url_of(FAILED)}; the first: {first['path']}: {first['error']})")
+    if totals["rows"] == 0 and totals["failed"] == 0:  # only tar shards, and they held no samples
+        raise AllInputsFailedError(f"no images found: the {len(plan.units)} tar shards of SRC hold no samples, "
+                                   f"so {folder.url} holds no features")
+
+
+def _summary(job: _Job, stats: LoopStats, **counts) -> Dict[str, Any]:
     t_end = time.perf_counter()
     elapsed = t_end - job.t_start
     steady_s = t_end - (stats.t_first or t_end)
+    dp = job.dp
     return dict(images=stats.rows, failed=stats.failed, seconds=elapsed,
                 images_per_sec=stats.rows / elapsed if elapsed > 0 else 0.0,
                 steady_images_per_sec=(stats.rows - stats.rows_first) / steady_s if steady_s > 0 else None,
-                decode_wait_s=stats.decode_wait_s, device_wait_s=stats.device_wait_s, write_s=writer.write_s,
-                skipped_units=int(is_done.sum()), units=len(plan.units), devices=dp.num_devices,
-                processes=dp.process_count, compiled_programs=job.step.traces, redone_units=len(problems),
-                interrupted=interrupted, finished_units=int(is_done.sum()) + tracker.closed,
-                batch_size=job.local_batch * dp.process_count, hint=job.hint, **_compute_summary(job.model))
+                decode_wait_s=stats.decode_wait_s, device_wait_s=stats.device_wait_s, write_s=job.writer.write_s,
+                units=len(job.plan.units), devices=dp.num_devices, processes=dp.process_count,
+                compiled_programs=job.step.traces, batch_size=job.local_batch * dp.process_count, hint=job.hint,
+                **counts, **_compute_summary(job.model))
+
+
+def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str, Any]:
+    """One elastic worker (see elastic.py): rounds of claim -> extract -> close, until every unit
+    of the run is finished by someone; then finalise if no one has."""
+    cfg, folder, plan, dp, writer, stop = job.cfg, job.folder, job.plan, job.dp, job.writer, job.stop
+    units = [u.index for u in plan.units]
+    stats = LoopStats()
+    view = leases.scan()
+    skipped = len(view.finished)
+    if already_complete:
+        return _summary(job, stats, skipped_units=skipped, redone_units=0, interrupted=False,
+                        finished_units=skipped, elastic=True, claimed_units=0, lost_units=0)
+    poll_s = min(5.0, leases.lease_s / 4)
+    image_shape = (job.transform.size[0], job.transform.size[1], 3)
+    params = dp.replicate(cast_for_inference(job.model, job.variables))
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(units), initial=skipped, unit="unit", dynamic_ncols=True, file=sys.stderr,
+                   desc=f"extract --elastic ({dp.num_devices} devices)")
+    claimed = 0
+    leases.start()
+    try:
+        with Decoder(job.transform, workers=cfg.workers, backend=cfg.backend,
+                     window=max(2 * job.local_batch, 16)) as decoder:
+            while not stop.is_set():
+                if all(u in view.finished for u in units):
+                    break
+                tracker = UnitTracker(plan, [], writer, cfg.outputs)
+                mine = claimed_units(leases, view, units, tracker.todo.append)
+                refs = prefetch((lambda u=u: plan.refs_of(plan.units[u]) for u in mine),
+                                ahead=max(1, cfg.prefetch_shards))
+                try:
+                    stream = lockstep(stream_batches(refs, job.local_batch, decoder, image_shape),
+                                      lambda: HostBatch.empty(job.local_batch, image_shape), stop)
+                    _add_stats(stats, run_pipeline(job.step, dp, params, stream, lambda i, hb, rows: tracker.add(hb, rows)))
+                    if not stop.is_set():
+                        tracker.finish()
+                finally:
+                    refs.close()
+                claimed += len(tracker.todo)
+                if not tracker.todo:  # every unit left is held by a live worker: wait for it to finish or lapse
+                    stop.wait(poll_s)
+                view = leases.scan()
+                if bar is not None:
+                    bar.n = len(view.finished)
+                    bar.refresh()
+    finally:
+        leases.stop()
+        if stop.is_set():
+            released = leases.release_all()
+            if released:
+                print(f"stopping: released {len(released)} unfinished units to the other workers", file=sys.stderr,
+                      flush=True)
+        if bar is not None:
+            bar.close()
+    interrupted = stop.is_set()
+    if not interrupted:
+        if read_manifest(folder).get("status") != "complete":
+            job.manifest.finalize(len(units), retried=[u for u, n in view.attempts.items() if n > 1])
+            _remove_own_temp_files(folder)  # of killed workers: every unit is finished, nothing is being written
+        _refuse_empty(folder, plan)
+    return _summary(job, stats, skipped_units=skipped, redone_units=0, interrupted=interrupted,
+                    finished_units=len(view.finished), elastic=True, claimed_units=claimed,
+                    lost_units=len(writer.lost_units))
+
+
+def _add_stats(total: LoopStats, one: LoopStats) -> None:
+    if total.t_first is None and one.t_first is not None:
+        total.t_first, total.rows_first = one.t_first, total.rows + one.rows_first
+    total.decode_wait_s += one.decode_wait_s
+    total.device_wait_s += one.device_wait_s
+    total.rows += one.rows
+    total.failed += one.failed
 
 
 def _compute_summary(model) -> Dict[str, Any]:

@@ -43,8 +43,10 @@ class CorruptOutputError(RuntimeError):
     """A finished file is missing, truncated or altered; the message names it."""
 
 
-def stem(unit: int, part: int) -> str:
-    return f"{unit:07d}-{part:04d}"
+def stem(unit: int, part: int, attempt: int = 0) -> str:
+    """'<unit>-<part>'; an elastic run's takeover attempt k > 0 of a unit adds '-<k>', so two workers
+    never write the same file."""
+    return f"{unit:07d}-{part:04d}" + (f"-{attempt}" if attempt else "")
 
 
 def unit_marker(unit: int) -> str:
@@ -99,10 +101,14 @@ class FeatureWriter(Sink):
 
     def __init__(self, folder: Folder, outputs: Sequence[str], row_bytes: Dict[str, int], columns: Sequence[str],
                  storage_dtype: str = "float32", part_bytes: int = 256 << 20, process: int = 0,
-                 column_types: Optional[Dict[str, Any]] = None):
+                 column_types: Optional[Dict[str, Any]] = None, claims=None):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES} (got {storage_dtype!r})")
         self.folder, self.outputs, self.columns, self.process = folder, tuple(outputs), list(columns), process
+        # elastic runs: `claims` (elastic.Leases) gives each unit's attempt, and markers are created
+        # create-if-absent, so of two workers that did one unit exactly one wins
+        self.claims = claims
+        self.lost_units: List[int] = []
         import pyarrow as pa
 
         self.types = {"id": pa.int64(), "path": pa.string(), **(column_types or {})}
@@ -143,14 +149,24 @@ class FeatureWriter(Sink):
         t0 = time.perf_counter()
         marker = {"unit": unit, "process": self.process, "rows": sum(p["rows"] for p in self._parts),
                   "parts": self._parts, "failed": self._failed}
-        self.folder.write(unit_marker(unit), json.dumps(marker).encode())
+        if self.claims is None:
+            self.folder.write(unit_marker(unit), json.dumps(marker).encode())
+        else:
+            marker.update(attempt=self.claims.attempt(unit), worker=self.claims.worker)
+            if self.claims.is_lost(unit) or not self.folder.create(unit_marker(unit), json.dumps(marker).encode()):
+                for p in self._parts:  # another worker finished it first: what we wrote is never read
+                    for rel in p["files"]:
+                        self.folder.remove(rel)
+                self.lost_units.append(unit)
+                marker = None
+            self.claims.done(unit)
         self.write_s += time.perf_counter() - t0
         self._unit = None
         return marker
 
     def _flush(self) -> None:
         t0 = time.perf_counter()
-        s = stem(self._unit, len(self._parts))
+        s = stem(self._unit, len(self._parts), self.claims.attempt(self._unit) if self.claims else 0)
         files = {}
         for o in self.outputs:
             files[f"{o}/{s}.npy"] = npy_bytes(np.stack(self._rows[o]).astype(self.dtype))

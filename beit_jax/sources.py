@@ -546,18 +546,21 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
         yield from samples(current, files, dups, links)
 
 
-def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_size: int = 256) -> Iterator:
+def prefetch(producers: Iterable[Callable[[], Iterable]], ahead: int = 2, queue_size: int = 256) -> Iterator:
     """Items of producers[0](), then producers[1](), ... in order, with up to `ahead` producers
     running in background threads (bounded queues), so the next tar shards stream in while this one
-    is decoded. An exception inside a producer is re-raised here."""
-    done = object()
-    slots: List[Optional[queue.Queue]] = [None] * len(producers)
-    stop = threading.Event()
+    is decoded. `producers` may be lazy (an elastic worker claims a unit only when it is about to
+    be read). An exception inside a producer is re-raised here."""
+    import collections
 
-    def run(i: int) -> None:
-        q = slots[i]
+    done = object()
+    stop = threading.Event()
+    pending = iter(producers)
+    running: "collections.deque[queue.Queue]" = collections.deque()
+
+    def run(q: queue.Queue, producer) -> None:
         try:
-            for item in producers[i]():
+            for item in producer():
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -570,16 +573,20 @@ def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put(e)
 
-    def start(i: int) -> None:
-        if i < len(producers) and slots[i] is None:
-            slots[i] = queue.Queue(queue_size)
-            threading.Thread(target=run, args=(i,), daemon=True, name=f"beit-prefetch-{i}").start()
+    def fill() -> None:
+        while len(running) < max(1, ahead):
+            producer = next(pending, None)
+            if producer is None:
+                return
+            q: queue.Queue = queue.Queue(queue_size)
+            threading.Thread(target=run, args=(q, producer), daemon=True,
+                             name=f"beit-prefetch-{len(running)}").start()
+            running.append(q)
 
     try:
-        for i in range(len(producers)):
-            for j in range(i, i + max(1, ahead)):
-                start(j)
-            q = slots[i]
+        fill()
+        while running:
+            q = running[0]
             while True:
                 item = q.get()
                 if item is done:
@@ -587,7 +594,8 @@ def prefetch(producers: Sequence[Callable[[], Iterable]], ahead: int = 2, queue_
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            slots[i] = None
+            running.popleft()
+            fill()
     finally:
         stop.set()
 

@@ -31,6 +31,7 @@ class StorageFullError(OSError):
 class OutputLockedError(RuntimeError):
     """Another writer holds the output folder."""
 
+CREATE_PROTOCOLS = ("s3", "s3a", "gs", "gcs")  # fsspec backends whose pipe_file(mode="create") is conditional
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 
 
@@ -112,6 +113,60 @@ class Folder:
                 raise StorageFullError(errno.ENOSPC, f"no space left on the device writing {self.url_of(rel)} "
                                                      f"({len(data)} bytes)") from e
             raise
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write `rel` whole only if it does not exist yet, atomically: True if this call created it,
+        False if it was there (whoever wrote it first wins, also against other hosts). Local: a
+        temp file hard-linked into place; buckets: a conditional PUT (S3 `If-None-Match: *`, GCS
+        `ifGenerationMatch=0`) through fsspec's `mode="create"`."""
+        path = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = temp_name(path) + f"-{threading.get_ident()}"
+            try:
+                atomic_write(tmp, data)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        protocol = protocol_of(self.url)
+        if protocol not in CREATE_PROTOCOLS:
+            raise NotImplementedError(f"{self.url}: elastic workers need create-if-absent writes, which beit-jax "
+                                      f"knows for local folders, s3:// and gs:// (not {protocol}://)")
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except (FileExistsError, PermissionError) as e:  # 412 Precondition Failed
+            if self.fs.exists(self._fresh(path)):
+                return False
+            raise OSError(f"conditional write of {self.url_of(rel)} refused ({e}); the store may not support "
+                          f"create-if-absent writes") from e
+        except OSError as e:
+            if "precondition" in str(e).lower() or "412" in str(e):
+                return False
+            raise
+        finally:
+            self._fresh(path)
+        return True
+
+    def stats(self, rel: str = "") -> Dict[str, tuple]:
+        """{name: (size, version)} of the files directly in `rel` (one listing): version is the
+        object's ETag / generation, or the local mtime, which changes whenever a file is rewritten."""
+        base = self._fresh(self.path(rel) if rel else self.root)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            if e.get("type", "file") != "file":
+                continue
+            version = e.get("ETag") or e.get("etag") or e.get("generation") or e.get("mtime") or e.get("LastModified")
+            out[posixpath.basename(e["name"].rstrip("/"))] = (int(e.get("size") or 0), str(version))
+        return out
 
     def check_writable(self) -> None:
         """Refuse, before any work, an output that is a file or cannot be written.

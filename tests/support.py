@@ -3,11 +3,13 @@ and subprocesses started the way a user starts them (the installed `beit-jax` co
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -267,3 +269,65 @@ def extract_cli(*args) -> subprocess.CompletedProcess:
 def sample_photos(imagenet_dir: Path, n: int) -> list:
     """The first n photos of ../shared/data/imagenet-sample, sorted."""
     return sorted(imagenet_dir.iterdir())[:n]
+
+
+def elastic_fleet(src, out: str, args, log_dir: Path, env_extra=None, lease: float = 3.0, timeout: float = 600):
+    """Three `beit-jax extract --elastic` workers on one output, as a fleet of preemptible boxes
+    runs them: A and B start together, C once the run has begun (its manifest exists), and A is
+    SIGKILLed once it has finished two units (holding the claims of the units it had started).
+    Returns (A's pid, B, C) with B and C finished (their return codes, with their output in
+    log_dir/<name>.log)."""
+    from beit_jax.storage import Folder
+
+    cmd = cli_command("extract", src, *args, "--output", out, "--elastic", "--lease-seconds", lease,
+                      "--model", TINY, "--random-weights", "--no-progress")
+    env = subprocess_env(1, **(env_extra or {}))
+
+    def start(name):
+        log = open(log_dir / f"{name}.log", "w")
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    a, b, c = start("a"), start("b"), None
+    folder, by_a, seen = Folder(out), 0, set()
+    deadline = time.time() + timeout
+    try:
+        while not folder.exists("manifest.json"):
+            assert time.time() < deadline and a.poll() is None and b.poll() is None, "the workers did not start"
+            time.sleep(0.05 if folder.local else 0.2)
+        c = start("c")
+        while by_a < 2:
+            assert time.time() < deadline, "worker A finished no unit in time"
+            assert a.poll() is None, f"worker A finished before it could be killed: {(log_dir / 'a.log').read_text()[-3000:]}"
+            for name in folder.listdir("units"):
+                if name.endswith(".json") and not name.startswith(".") and name not in seen:
+                    seen.add(name)
+                    by_a += f":{a.pid}:" in json.loads(folder.read(f"units/{name}"))["worker"]
+            time.sleep(0.05 if folder.local else 0.2)
+        a.kill()
+        a.wait()
+        for p in (b, c):
+            p.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        for p in (a, b, c):
+            if p is not None and p.poll() is None:
+                p.kill()
+    return a.pid, b, c
+
+
+def assert_exactly_the_rows_of(out, ref) -> None:
+    """`out` holds exactly the rows, vectors and failures of `ref`, and no part file that its markers
+    do not list (embedding-reader and autofaiss read every file in the folder)."""
+    from beit_jax.extract import read_failures, read_features
+    from beit_jax.storage import Folder
+
+    p_ref, f_ref, i_ref = read_features(ref, with_ids=True)
+    p_out, f_out, i_out = read_features(out, with_ids=True)
+    assert p_out == p_ref and len(set(i_out.tolist())) == len(i_out)
+    np.testing.assert_array_equal(i_out, i_ref)
+    np.testing.assert_array_equal(f_out, f_ref)
+    assert read_failures(out) == read_failures(ref)
+    folder = Folder(str(out))
+    listed = {f for name in folder.listdir("units") if name.endswith(".json")
+              for p in json.loads(folder.read(f"units/{name}"))["parts"] for f in p["files"]}
+    parts = {rel for rel in folder.sizes() if rel.split("/")[0] in ("pooled", "metadata")}
+    assert parts == listed, f"files no marker lists: {sorted(parts - listed)[:5]}"

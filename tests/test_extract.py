@@ -16,8 +16,8 @@ import pytest
 import beit_jax
 from beit_jax._io import TEMP_MARKER
 from beit_jax.extract import CorruptOutputError, OutputMismatchError, extract, read_failures, read_features
-from tests.support import (TINY, cli, cli_command, extract_cli, run_cli, run_helper, run_process_pair, sample_photos,
-                           subprocess_env)
+from tests.support import (TINY, assert_exactly_the_rows_of, cli, cli_command, elastic_fleet, extract_cli, run_cli,
+                           run_helper, run_process_pair, sample_photos, subprocess_env)
 
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
@@ -313,3 +313,82 @@ def test_every_input_failing_is_an_error(odd_dir, tmp_path):
     res = extract_cli(src, "--output", tmp_path / "o")
     assert res.returncode == 2 and "every one of the 2 inputs failed" in res.stderr
     assert len(read_failures(tmp_path / "o")) == 2  # and the ledger says why
+
+
+# ---- elastic workers ---------------------------------------------------------------------------
+def test_elastic_workers_one_killed_one_late_equal_a_plain_run(imagenet_dir, odd_dir, tmp_path):
+    src = tmp_path / "imgs.txt"
+    inputs = [str(p) for p in sample_photos(imagenet_dir, 1000)] + [str(odd_dir / b) for b in sorted(BROKEN)[:2]]
+    src.write_text("\n".join(inputs) + "\n")
+    # one image per unit: enough units (and claims) that the late worker finds some left
+    args = ["--batch-size", "4", "--shard-size", "1", "--workers", "1"]
+    ref = extract_cli(src, "--output", tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "elastic"
+    a_pid, b, c = elastic_fleet(src, str(out), args, tmp_path)
+    for name, p in (("b", b), ("c", c)):
+        assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    assert_exactly_the_rows_of(out, tmp_path / "ref")
+    # A died holding claims: another worker took them over (a second attempt), and C did work
+    claims = os.listdir(out / "claims")
+    assert any(not n.endswith("-0000.json") for n in claims if n.endswith(".json")), sorted(claims)
+    workers = [json.loads((out / "units" / n).read_text())["worker"] for n in os.listdir(out / "units")]
+    assert any(f":{a_pid}:" in w for w in workers) and len(set(workers)) == 3
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+    # a worker started on a complete run adds nothing and exits 0
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    late = extract_cli(src, "--output", out, *args, "--elastic")
+    assert late.returncode == 0 and "elastic worker: 0 images" in late.stdout, late.stderr
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
+
+    # a plain run is refused on an elastic folder, and an elastic worker on a plain one
+    for folder, flags in ((out, ["--resume"]), (tmp_path / "ref", ["--elastic"])):
+        res = extract_cli(src, "--output", folder, *args, *flags)
+        assert res.returncode == 2 and "elastic" in res.stderr and "holds outputs of a different run" in res.stderr
+
+
+def test_elastic_claims_expire_release_and_one_marker_wins(imagenet_dir, tmp_path):
+    """In-process, with two lease holders on one folder: a claim is taken over only after it stopped
+    changing for the lease, a released one at once; of two workers that did one unit, the first
+    marker wins and the loser's files are removed."""
+    from beit_jax.elastic import Leases
+    from beit_jax.sinks import FeatureWriter
+    from beit_jax.sources import ImageRef
+    from beit_jax.storage import Folder
+
+    folder = Folder(str(tmp_path / "out"))
+    x, y = Leases(folder, 0.5), Leases(folder, 0.5)
+    assert x.claim(0, 0) and not y.claim(0, 0)  # one holder per attempt
+    assert y.candidates(y.scan(), [0, 1]) == [(1, 0)]  # fresh: not taken over
+    x.start()  # x renews every lease / 4: its claim keeps changing, so it never expires
+    time.sleep(1.2)
+    assert [u for u, _ in y.candidates(y.scan(), [0, 1])] == [1]
+    x.stop()  # x dies without a word: after the lease, unit 0 is free as attempt 1
+    y.scan()
+    time.sleep(0.7)
+    assert sorted(y.candidates(y.scan(), [0, 1])) == [(0, 1), (1, 0)]
+    assert y.claim(0, 1) and x.scan() and x.is_lost(0)
+
+    rows = {"pooled": np.ones((2, 4), np.float32)}
+    refs = [ImageRef(f"img{i}", f"img{i}", index=i) for i in range(2)]
+
+    def writer(leases):
+        return FeatureWriter(folder, ["pooled"], {"pooled": 16}, [], claims=leases, part_bytes=16)
+
+    wy, wx = writer(y), writer(x)
+    wy.add(0, refs, rows)
+    assert wy.close(0)["attempt"] == 1
+    x.lost.discard(0)  # x has not noticed it lost: its marker is refused all the same
+    wx.add(0, refs, rows)
+    assert wx.close(0) is None and wx.lost_units == [0]
+    marker = json.loads(folder.read("units/0000000.json"))
+    written = {rel for rel in folder.sizes() if rel.startswith(("pooled/", "metadata/"))}
+    assert written == {f for p in marker["parts"] for f in p["files"]} and len(written) == 4
+    assert all(rel.split("/")[1].startswith(("0000000-0000-1.", "0000000-0001-1.")) for rel in written)
+
+    # a stopping worker releases its claims: taken over at once, no lease to wait
+    assert x.claim(1, 0)
+    x.release_all()
+    assert (1, 1) in y.candidates(y.scan(), [0, 1])

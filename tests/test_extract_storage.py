@@ -21,7 +21,8 @@ import pytest
 
 import beit_jax
 from beit_jax.extract import extract, read_failures, read_features
-from tests.support import TINY, cli, cli_command, free_port, run_cli, run_process_pair, subprocess_env
+from tests.support import (TINY, assert_exactly_the_rows_of, cli, cli_command, elastic_fleet, extract_cli, free_port,
+                           run_cli, run_process_pair, sample_photos, subprocess_env)
 
 BROKEN = ["broken.png", "truncated_end_chunk.png"]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -277,6 +278,25 @@ def test_two_processes_write_one_s3_output(bucket, s3_env):
         assert p1 == p2 and len(p1) == 12
         np.testing.assert_allclose(f2, f1, atol=1e-5)
     assert read_failures("s3://field/out/multi") == read_failures("s3://field/out/single")
+
+
+def test_elastic_workers_on_s3_one_killed_one_late_equal_a_plain_run(s3fs_client, s3_env, imagenet_dir, tmp_path):
+    """Claims, markers and takeovers with conditional PUTs (If-None-Match: *) on a real S3 server."""
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sample_photos(imagenet_dir, 160)) + "\n")
+    args = ["--batch-size", "4", "--shard-size", "1", "--workers", "1"]
+    ref = extract_cli(src, "--output", tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+    s3fs_client.mkdir("elastic")
+    a_pid, b, c = elastic_fleet(src, "s3://elastic/out", args, tmp_path, env_extra=s3_env)
+    for name, p in (("b", b), ("c", c)):
+        assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    assert_exactly_the_rows_of("s3://elastic/out", tmp_path / "ref")
+    s3fs_client.invalidate_cache()
+    claims = [n.rsplit("/", 1)[1] for n in s3fs_client.ls("elastic/out/claims")]
+    assert any(n.endswith("-0001.json") for n in claims), sorted(claims)[:5]
+    late = extract_cli(src, "--output", "s3://elastic/out", *args, "--elastic")
+    assert late.returncode == 0 and "elastic worker: 0 images" in late.stdout, late.stderr
 
 
 @pytest.fixture(scope="module")

@@ -65,9 +65,15 @@ def _run(args, stop, received) -> int:
                 storage_options=args.storage_options, stop=stop)
     if s["interrupted"]:
         if jax.process_index() == 0:
+            again = "start a worker with the same command" if cfg.elastic else "run the same command with --resume"
             print(f"interrupted: {s['finished_units']} of {s['units']} units finished and kept in {args.output}; "
-                  f"run the same command with --resume to continue", file=sys.stderr)
+                  f"{again} to continue", file=sys.stderr)
         return 128 + (received[0] if received else 2)
+    if s.get("elastic"):
+        print(f"elastic worker: {s['images']} images, {s['failed']} failed, in {s['claimed_units']} units it claimed "
+              f"({s['lost_units']} finished first by another worker and discarded); {s['finished_units']}/{s['units']} "
+              f"units of the run finished; {s['seconds']:.1f}s")
+        return 0
     if jax.process_index() == 0:
         print(f"{s['images']} images, {s['failed']} failed (see {args.output.rstrip('/')}/failed.jsonl), "
               f"{s['images_per_sec']:.1f} img/s on {s['devices']} devices x {s['processes']} processes; "
