@@ -216,7 +216,7 @@ class Manifest:
                   "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
                   "rows_per_unit": "`shard_size`", "rows_per_part": "`outputs`",
                   "columns": "SRC (table columns)", "format": "the beit-jax version",
-                  "elastic": "`elastic` (a folder is written by elastic workers, or by one plain run)"}
+                  "elastic": "`elastic`"}  # a folder is written by elastic workers, or by one plain run
 
     def __init__(self, folder: Folder, fields: Dict[str, Any]):
         self.folder, self.fields = folder, fields
@@ -285,12 +285,15 @@ class Manifest:
         self._refuse_another_run(existing)
         return existing.get("status") == "complete"
 
-    def finalize(self, num_units: int, retried: Sequence[int] = ()) -> Dict[str, Any]:
-        """Gather every unit's failures into failed.jsonl and mark the run complete. `retried`:
-        units of an elastic run that more than one worker claimed; part files of theirs that their
-        marker does not list (a worker that lost the unit and died before removing them) go."""
+    def finalize(self, num_units: int, retried: Sequence[int] = (), known: Optional[Dict[int, Dict]] = None
+                 ) -> Dict[str, Any]:
+        """Gather every unit's failures into failed.jsonl and mark the run complete: one listing,
+        and a batch read of the markers not in `known` (those this process wrote or read on
+        resume). `retried`: units of an elastic run that more than one worker claimed; part files
+        of theirs that their marker does not list (a worker that lost the unit and died before
+        removing them) go."""
         sizes = self.folder.sizes()
-        done, problems = finished_units(self.folder, sizes)
+        done, problems = finished_units(self.folder, sizes, known=known)
         if len(done) != num_units or problems:
             raise CorruptOutputError(f"{self.folder.url}: {len(done)} of {num_units} units finished "
                                      f"({'; '.join(problems[:3]) or 'a process did not finish'}); rerun with `resume=True`")
@@ -521,6 +524,8 @@ def extract(src, output_dir: str, model, variables, config: Optional[ExtractConf
     local_batch = dp.local_batch_size(cfg.batch_size)
     step = dp.inference_step(make_forward(model, cfg.outputs, data_cfg["mean"], data_cfg["std"]))
     plan = Plan(inputs, cfg.shard_size, dp.process_index, dp.process_count)
+    if not plan.units:  # tables (or lists) without a single row
+        raise ValueError(f"no images found in {inputs.src}: its {len(inputs.items)} tables and lists hold no rows")
     leases = Leases(folder, cfg.lease_seconds, UNITS) if cfg.elastic else None
     writer = FeatureWriter(folder, cfg.outputs, output_row_floats(model, cfg.outputs), inputs.columns,
                            cfg.storage_dtype, cfg.part_bytes, process=dp.process_index,
@@ -614,7 +619,7 @@ def _run(job: _Job) -> Dict[str, Any]:
     if not interrupted:
         par.sync("beit-jax-extract-done")
         if dp.process_index == 0:
-            job.manifest.finalize(len(plan.units))
+            job.manifest.finalize(len(plan.units), known={**done, **writer.written})
         par.sync("beit-jax-finalized")
         _refuse_empty(folder, plan)
     return _summary(job, stats, skipped_units=int(is_done.sum()), redone_units=len(problems), interrupted=interrupted,
@@ -706,7 +711,8 @@ def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str,
     interrupted = stop.is_set()
     if not interrupted:
         if read_manifest(folder).get("status") != "complete":
-            job.manifest.finalize(len(units), retried=[u for u, n in view.attempts.items() if n > 1])
+            job.manifest.finalize(len(units), retried=[u for u, n in view.attempts.items() if n > 1],
+                                  known=writer.written)
             _remove_own_temp_files(folder)  # of killed workers: every unit is finished, nothing is being written
         _refuse_empty(folder, plan)
     return _summary(job, stats, skipped_units=skipped, redone_units=0, interrupted=interrupted,

@@ -109,6 +109,7 @@ class FeatureWriter(Sink):
         # create-if-absent, so of two workers that did one unit exactly one wins
         self.claims = claims
         self.lost_units: List[int] = []
+        self.written: Dict[int, Dict[str, Any]] = {}  # unit -> the marker this writer wrote (for finalize)
         import pyarrow as pa
 
         self.types = {"id": pa.int64(), "path": pa.string(), **(column_types or {})}
@@ -160,6 +161,8 @@ class FeatureWriter(Sink):
                 self.lost_units.append(unit)
                 marker = None
             self.claims.done(unit)
+        if marker is not None:
+            self.written[unit] = marker
         self.write_s += time.perf_counter() - t0
         self._unit = None
         return marker
@@ -195,16 +198,28 @@ def read_manifest(folder: Folder) -> Dict[str, Any]:
                                  f"the folder was damaged: extract into a new folder") from e
 
 
-def finished_units(folder: Folder, sizes: Optional[Dict[str, int]] = None,
-                   verify: bool = False) -> Tuple[Dict[int, Dict], List[str]]:
+def finished_units(folder: Folder, sizes: Optional[Dict[str, int]] = None, verify: bool = False,
+                   known: Optional[Dict[int, Dict]] = None) -> Tuple[Dict[int, Dict], List[str]]:
     """({unit: marker} of finished units whose files are all present at their recorded size (and,
     with verify, sha256), [problems]): a unit with a missing or damaged file is reported and left
-    out (to be redone)."""
+    out (to be redone). One listing of the folder; the markers are read in one batch of concurrent
+    requests, except those in `known` (markers this process wrote or read already, by unit)."""
     sizes = folder.sizes() if sizes is None else sizes
-    done, problems = {}, []
-    for rel in sorted(r for r in sizes if r.startswith(UNITS + "/") and r.endswith(".json")):
+    done, problems, known = {}, [], known or {}
+    rels = sorted(r for r in sizes if r.startswith(UNITS + "/") and r.endswith(".json"))
+    unit_of = {rel: _unit_of_marker(rel) for rel in rels}
+    raw = folder.read_many([rel for rel in rels if unit_of[rel] not in known])
+    for rel in rels:
         try:
-            marker = json.loads(folder.read(rel))
+            if unit_of[rel] in known:
+                marker = known[unit_of[rel]]
+            elif isinstance(raw[rel], Exception):
+                raise raw[rel]
+            else:
+                marker = json.loads(raw[rel])
+        except FileNotFoundError:
+            problems.append(f"{folder.url_of(rel)} vanished while being read")
+            continue
         except ValueError:
             problems.append(f"{folder.url_of(rel)} is not valid JSON")
             continue
@@ -222,6 +237,13 @@ def finished_units(folder: Folder, sizes: Optional[Dict[str, int]] = None,
             continue
         done[int(marker["unit"])] = marker
     return done, problems
+
+
+def _unit_of_marker(rel: str) -> Optional[int]:
+    try:
+        return int(rel.rsplit("/", 1)[1][:-5])
+    except ValueError:
+        return None
 
 
 def remove_unfinished_parts(folder: Folder, units: Sequence[int], sizes: Dict[str, int]) -> List[str]:

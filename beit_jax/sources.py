@@ -112,6 +112,13 @@ class Listed:
         raise NotImplementedError
 
 
+def _version(info: Dict[str, Any]) -> str:
+    """What changes when a file is rewritten: its size and ETag / generation / mtime."""
+    v = (info.get("ETag") or info.get("etag") or info.get("generation") or info.get("mtime")
+         or info.get("LastModified") or info.get("last_modified"))
+    return f"{info.get('size')}/{v}"
+
+
 class RefList(list, Listed):
     """Inputs listed one by one (folder walks, list files, csv/jsonl tables): held as ImageRefs."""
 
@@ -131,8 +138,8 @@ class TableFile(Listed):
         self.file_types, self.run_types, self.storage_options = file_types, run_types, storage_options
         self.starts = np.concatenate([[0], np.cumsum(np.asarray(row_groups, np.int64))])
         self.num_rows = int(self.starts[-1])
-        version = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("mtime") or info.get("LastModified")
-        self.id = f"table:{self.url}\0{info.get('size')}\0{version}\0{self.num_rows}"
+        self.version = _version(info)
+        self.id = f"table:{self.url}\0{self.version}\0{self.num_rows}"
         self._lock = threading.Lock()
         self._cached: Tuple[int, Any] = (-1, None)  # (row group, its table): consecutive units share one
 
@@ -144,12 +151,17 @@ class TableFile(Listed):
 
         with self._lock:
             if self._cached[0] != g:
+                now = _version(self.fs.info(self.path))
+                if now != self.version:
+                    raise ValueError(f"the file changed since the run listed it (size, etag/mtime {self.version} -> "
+                                     f"{now}); a run reads the tables it started with: start a new run")
                 with self.fs.open(self.path, "rb") as f:
                     table = pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed])
                 self._cached = (g, table)
             return self._cached[1]
 
     def refs(self, lo: int, hi: int) -> List["ImageRef"]:
+        first_row = lo
         try:
             out = []
             g = int(np.searchsorted(self.starts, lo, side="right")) - 1
@@ -161,8 +173,9 @@ class TableFile(Listed):
                 lo, g = min(hi, last), g + 1
             return out
         except Exception as e:  # noqa: BLE001 - a table that changed or broke since listing: its rows fail, said
-            return [ImageRef(f"{self.url}#row{n}", "", error=f"{self.url}: rows {lo}-{hi - 1} could not be read "
-                                                              f"({type(e).__name__}: {e})") for n in range(lo, hi)]
+            return [ImageRef(f"{self.url}#row{n}", "", error=f"{self.url}: rows {first_row}-{hi - 1} could not be "
+                                                              f"read ({type(e).__name__}: {e})")
+                    for n in range(first_row, hi)]
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import pytest
 import beit_jax
 from beit_jax.extract import AllInputsFailedError, extract, read_failures, read_features
 from beit_jax.sources import list_inputs
-from tests.support import TINY, cli, sample_photos, subprocess_env
+from tests.support import TINY, cli, extract_cli, sample_photos, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,42 @@ def test_a_folder_of_tables_reads_the_tables(tiny, photos, tmp_path):
     (tmp_path / "empty").mkdir()
     res = cli("extract", tmp_path / "empty", "--output", tmp_path / "o2", "--model", TINY, "--random-weights")
     assert res.returncode == 2 and f"no images found in {tmp_path / 'empty'} (looked for" in res.stderr
+    (tmp_path / "empty-tables").mkdir()  # tables without a row: said so, nothing written
+    pq.write_table(pa.table({"url": pa.array([], pa.string())}), tmp_path / "empty-tables" / "t.parquet")
+    (tmp_path / "empty-tables" / "t.csv").write_text("url\n")
+    res = extract_cli(tmp_path / "empty-tables", "--output", tmp_path / "o3")
+    assert res.returncode == 2 and "its 2 tables and lists hold no rows" in res.stderr, res.stderr
+    assert not (tmp_path / "o3").exists()
+
+
+def test_parquet_rows_are_read_by_row_group_when_their_unit_runs(tiny, photos, tmp_path):
+    """A parquet table is listed from its footer (a TableFile: row count, schema), its rows read
+    when their unit runs; units cross row groups and files, ids stay input indices."""
+    from beit_jax.extract import Plan
+    from beit_jax.sources import TableFile
+
+    urls = [str(photos[i % len(photos)]) for i in range(10)]
+    pq.write_table(pa.table({"url": urls[:7], "n": list(range(7))}), tmp_path / "a.parquet", row_group_size=3)
+    pq.write_table(pa.table({"url": urls[7:], "n": [7.5, 8.5, 9.5]}), tmp_path / "b.parquet")
+    with pytest.warns(UserWarning, match="column 'n' is double"):
+        inputs = list_inputs([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")])
+    assert [type(i) for i in inputs.items] == [TableFile, TableFile] and [len(i) for i in inputs.items] == [7, 3]
+    plan = Plan(inputs, 4)
+    assert [(u.start, u.count) for u in plan.units] == [(0, 4), (4, 4), (8, 2)]
+    refs = [r for u in plan.units for r in plan.refs_of(u)]
+    assert [r.index for r in refs] == list(range(10)) and [r.id for r in refs] == urls
+    assert [r.meta["n"] for r in refs] == [float(i) for i in range(7)] + [7.5, 8.5, 9.5]  # one type per column
+    _, paths, _, failed = _run(tiny, inputs, tmp_path / "o", shard_size=4)
+    assert paths == urls and failed == []
+    # a table rewritten after the run listed it: its rows fail, saying why (never other rows read
+    # under the listed identity); the other table's rows are read
+    with pytest.warns(UserWarning):
+        plan = Plan(list_inputs([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]), 4)
+    time.sleep(0.01)
+    pq.write_table(pa.table({"url": urls[:3], "n": [1.0, 2.0, 3.0]}), tmp_path / "b.parquet")
+    rows = [r for u in plan.units for r in plan.refs_of(u)]
+    assert [r.error is None for r in rows] == [True] * 7 + [False] * 3
+    assert "b.parquet: rows 0-0 could not be read (ValueError: the file changed since the run listed it" in rows[7].error
 
 
 def test_a_folder_of_images_reads_its_images_and_says_what_it_skipped(photos, tmp_path):
