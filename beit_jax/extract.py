@@ -664,7 +664,7 @@ def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str,
     if already_complete:
         return _summary(job, stats, skipped_units=skipped, redone_units=0, interrupted=False,
                         finished_units=skipped, elastic=True, claimed_units=0, lost_units=0)
-    poll_s = min(5.0, leases.lease_s / 4)
+    max_poll_s, poll_s = min(5.0, leases.lease_s / 4), 0.25  # waiting on others: quick at first, then backing off
     image_shape = (job.transform.size[0], job.transform.size[1], 3)
     params = dp.replicate(cast_for_inference(job.model, job.variables))
     bar = None
@@ -695,6 +695,9 @@ def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str,
                 claimed += len(tracker.todo)
                 if not tracker.todo:  # every unit left is held by a live worker: wait for it to finish or lapse
                     stop.wait(poll_s)
+                    poll_s = min(2 * poll_s, max_poll_s)
+                else:
+                    poll_s = 0.25
                 view = leases.scan()
                 if bar is not None:
                     bar.n = len(view.finished)

@@ -25,11 +25,13 @@ DATA_AXIS = "data"
 
 
 def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                     process_id: Optional[int] = None, cpu_collectives: Optional[str] = None) -> None:
-    """`jax.distributed.initialize`, once, before any device is touched.
+                     process_id: Optional[int] = None, cpu_collectives: Optional[str] = None,
+                     host_timeout_s: Optional[float] = None) -> None:
+    """`jax.distributed.initialize`, once, before any device is touched, and a HostWatch.
 
     With no arguments JAX detects the cluster (TPU pods, SLURM, ...). On CPU hosts (tests) pass
-    cpu_collectives='gloo' so cross-process collectives work.
+    cpu_collectives='gloo' so cross-process collectives work. host_timeout_s: how long a silent
+    process may go before the others stop (HostWatch; default 30 s).
     """
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -37,6 +39,101 @@ def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[
     if coordinator is not None:
         kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     jax.distributed.initialize(**kwargs)
+    if jax.process_count() > 1:
+        HostWatch.start(host_timeout_s)
+
+
+def shutdown_distributed() -> None:
+    """Leave jax.distributed at the end of a command. The watch beats on until every process has
+    reached the shutdown barrier (a peer that died instead is still reported), then stops."""
+    try:
+        jax.distributed.shutdown()
+    finally:
+        HostWatch.stop()
+
+
+EXIT_HOST_LOST = 75  # EX_TEMPFAIL: the run can continue once every host is back (--resume)
+
+
+class HostWatch:
+    """Each process of a multi-host run heartbeats through the jax.distributed key-value store and
+    watches the others'. When one falls silent for `timeout_s` (below JAX's own heartbeat timeout
+    of 100 s, after which the runtime aborts with a C++ stack trace), or the coordinator cannot be
+    reached, this process prints one line naming the lost
+    process and what to do, and exits EXIT_HOST_LOST at once: lockstep work cannot go on without
+    it, and leaving jax.distributed would wait for it. Finished units are kept (their markers are
+    written), so `--resume` with every host continues."""
+
+    timeout_s = 30.0
+    beat_s = 1.0
+    _thread = None
+    _stopping = None
+
+    @classmethod
+    def start(cls, timeout_s: Optional[float] = None) -> None:
+        import threading
+
+        if cls._thread is not None:
+            return
+        cls.timeout_s = float(timeout_s or HostWatch.timeout_s)
+        cls._stopping = threading.Event()
+        cls._thread = threading.Thread(target=cls._watch, args=(cls._stopping,), daemon=True,
+                                       name="beit-jax-hostwatch")
+        cls._thread.start()
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls._thread is None:
+            return
+        cls._stopping.set()
+        cls._thread.join(timeout=10)
+        cls._thread = None
+
+    @classmethod
+    def _watch(cls, stopping) -> None:
+        import time
+
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        me, n = jax.process_index(), jax.process_count()
+        last = {i: (None, time.monotonic()) for i in range(n) if i != me}
+        beat, unreachable_since = 0, None
+
+        def get(key):
+            try:
+                return client.key_value_try_get(key)
+            except Exception:  # noqa: BLE001 - not set
+                return None
+
+        while not stopping.wait(cls.beat_s):
+            now = time.monotonic()
+            try:
+                beat += 1
+                client.key_value_set(f"beit-jax/alive/{me}", str(beat), allow_overwrite=True)
+                unreachable_since = None
+            except Exception as e:  # noqa: BLE001 - the coordination service is gone
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > min(cls.timeout_s, 10.0) and not stopping.is_set():
+                    cls._lost(f"the coordinator (process 0) cannot be reached ({type(e).__name__})", n)
+                continue
+            for i in list(last):
+                value = get(f"beit-jax/alive/{i}")
+                if value != last[i][0]:
+                    last[i] = (value, now)
+                elif now - last[i][1] > cls.timeout_s and not stopping.is_set():
+                    cls._lost(f"process {i} of {n} sent no heartbeat for {cls.timeout_s:.0f}s (killed, preempted, "
+                              f"or its host went down)", n)
+
+    @staticmethod
+    def _lost(why: str, n: int) -> None:
+        import os
+        import sys
+
+        print(f"beit-jax: lost a host: {why}. This process stops too: a multi-host run steps in lockstep. "
+              f"Finished work is kept: start all {n} processes again with --resume (for extraction on "
+              f"preemptible machines, run independent --elastic workers instead).", file=sys.stderr, flush=True)
+        os._exit(EXIT_HOST_LOST)
 
 
 # ---- defaults for inference on this machine ------------------------------------------------------

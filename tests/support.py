@@ -92,10 +92,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_process_pair(args_of, log_dir: Path, tag: str, env_extra=None, timeout=900) -> list:
-    """`beit-jax *args_of(i), --coordinator ...` as 2 real processes on loopback (jax.distributed,
-    gloo CPU collectives, 4 devices each), as two hosts of a pod run it. Both must exit 0; a failure
-    shows both processes' stderr (one stalls when the other dies). Returns [(stdout, stderr)] * 2."""
+def start_process_pair(args_of, log_dir: Path, tag: str, env_extra=None) -> tuple:
+    """The two processes of run_process_pair, started: ([Popen] * 2, [(stdout file, stderr file)] * 2)."""
     port = free_port()
     logs = [(log_dir / f"{tag}{i}.out", log_dir / f"{tag}{i}.err") for i in range(2)]
     procs = []
@@ -105,6 +103,14 @@ def run_process_pair(args_of, log_dir: Path, tag: str, env_extra=None, timeout=9
                 cli_command(*args_of(i), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                             "--process-id", i, "--cpu-collectives", "gloo"),
                 env=subprocess_env(4, PYTHONUNBUFFERED="1", **(env_extra or {})), stdout=so, stderr=se, text=True))
+    return procs, logs
+
+
+def run_process_pair(args_of, log_dir: Path, tag: str, env_extra=None, timeout=900) -> list:
+    """`beit-jax *args_of(i), --coordinator ...` as 2 real processes on loopback (jax.distributed,
+    gloo CPU collectives, 4 devices each), as two hosts of a pod run it. Both must exit 0; a failure
+    shows both processes' stderr (one stalls when the other dies). Returns [(stdout, stderr)] * 2."""
+    procs, logs = start_process_pair(args_of, log_dir, tag, env_extra)
     try:
         for p in procs:
             p.wait(timeout=timeout)

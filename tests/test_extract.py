@@ -17,7 +17,7 @@ import beit_jax
 from beit_jax._io import TEMP_MARKER
 from beit_jax.extract import CorruptOutputError, OutputMismatchError, extract, read_failures, read_features
 from tests.support import (TINY, assert_exactly_the_rows_of, cli, cli_command, elastic_fleet, extract_cli, run_cli,
-                           run_helper, run_process_pair, sample_photos, subprocess_env)
+                           run_helper, run_process_pair, sample_photos, start_process_pair, subprocess_env)
 
 BROKEN = {"broken.png", "broken_data_stream.png", "decompression_bomb.gif", "hopper_bad.p7",
           "truncated_end_chunk.png"}
@@ -170,6 +170,42 @@ def test_two_process_multihost_matches_single_process(parallel, mixed_list, tmp_
         assert p1 == p2 and len(p1) == len(items) - len(BROKEN)
         np.testing.assert_allclose(f2, f1, atol=1e-5)
     assert read_failures(tmp_path / "multi") == read_failures(tmp_path / "single")
+
+
+def test_a_lost_host_stops_the_other_at_once_saying_so_and_resume_continues(imagenet_dir, tmp_path):
+    """SIGKILL one process of a two-host run: the other exits within --host-timeout with one line
+    naming it and what to do (status 75, no C++ abort), and a resume with both hosts completes."""
+    src = tmp_path / "imgs.txt"
+    src.write_text("\n".join(str(p) for p in sample_photos(imagenet_dir, 160)) + "\n")
+    args = ["--batch-size", "8", "--shard-size", "4", "--workers", "1"]
+    ref = extract_cli(src, "--output", tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "multi"
+    procs, logs = start_process_pair(lambda i: _extract_args(src, out, *args, "--host-timeout", "5"), tmp_path, "lost")
+    try:
+        deadline = time.time() + 600
+        while not any(json.loads((out / "units" / n).read_text())["process"] == 1 for n in _units(out)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[1][1].read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].kill()
+        killed_at = time.time()
+        procs[0].wait(timeout=120)
+        waited = time.time() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = logs[0][1].read_text()
+    assert procs[0].returncode == 75, err[-3000:]
+    assert "beit-jax: lost a host: process 1 of 2 sent no heartbeat for 5s" in err and "--resume" in err, err[-3000:]
+    assert "--elastic" in err and "stack trace" not in err
+    assert waited < 5 + 20  # the heartbeat timeout and a margin, not JAX's 100 s
+    assert len(_units(out)) < 40
+    run_process_pair(lambda i: _extract_args(src, out, *args, "--resume"), tmp_path, "again")
+    p_ref, f_ref = read_features(tmp_path / "ref")
+    p_res, f_res = read_features(out)
+    assert p_res == p_ref
+    np.testing.assert_allclose(f_res, f_ref, atol=1e-5)
 
 
 # ---- what a resume and a reader see after a kill -------------------------------------------------

@@ -188,6 +188,9 @@ def add_distributed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
     p.add_argument("--cpu-collectives", choices=["gloo", "mpi"], help="CPU multi-process collectives (testing)")
+    p.add_argument("--host-timeout", type=float, default=None, metavar="SECONDS",
+                   help="multi-host: a process silent this long counts as lost, and the others stop at once "
+                        "with a message and exit status 75 (default: 30)")
 
 
 @contextlib.contextmanager
@@ -199,13 +202,13 @@ def distributed(args):
 
     on = bool(args.coordinator or args.distributed)
     if on:
-        parallel.init_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives)
+        parallel.init_distributed(args.coordinator, args.num_processes, args.process_id, args.cpu_collectives,
+                                  args.host_timeout)
     try:
         yield
     finally:
         if on:
-            import jax
-            jax.distributed.shutdown()
+            parallel.shutdown_distributed()
 
 
 @contextlib.contextmanager
