@@ -15,20 +15,21 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .sources import ImageRef, list_image_folder  # noqa: F401  (list_image_folder: fine-tuning's source)
-from .transforms import EvalTransform, ImageLoadError, load_image
+from .transforms import DECODE_MODES, EvalTransform, ImageLoadError, load_image
 
 PAD = (None, None)  # what the decoder yields for a padding slot (decode never returns it)
 
 
-def decode(ref: Optional[ImageRef], transform: EvalTransform) -> Tuple[Optional[np.ndarray], Optional[str]]:
+def decode(ref: Optional[ImageRef], transform: EvalTransform, fast: bool = False
+           ) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """(uint8 (H, W, 3) crop, None) or (None, reason); PAD for a padding slot (ref None). Never raises
-    for a bad input."""
+    for a bad input. fast: large JPEGs decode at a reduced DCT scale (see load_image's resized_size)."""
     if ref is None:
         return PAD
     if ref.error is not None:
         return None, ref.error
     try:
-        img = load_image(ref.read_bytes(), name=ref.id)
+        img = load_image(ref.read_bytes(), name=ref.id, resized_size=transform.resized_size if fast else None)
         return (transform.crop_uint8(img, ref.seed) if ref.seed >= 0 else transform.crop_uint8(img)), None
     except ImageLoadError as e:
         return None, str(e)
@@ -36,8 +37,8 @@ def decode(ref: Optional[ImageRef], transform: EvalTransform) -> Tuple[Optional[
         return None, f"cannot read image {ref.id}: {type(e).__name__}: {e}"
 
 
-def _decode_many(refs: Sequence[ImageRef], transform: EvalTransform):
-    return [decode(r, transform) for r in refs]
+def _decode_many(refs: Sequence[ImageRef], transform: EvalTransform, fast: bool = False):
+    return [decode(r, transform, fast) for r in refs]
 
 
 class Decoder:
@@ -45,13 +46,19 @@ class Decoder:
 
     backend 'thread' (PIL releases the GIL while decoding and resizing), 'process' (spawned
     workers, no GIL at all) or workers=0 for inline decoding. At most `window` images are in
-    flight, so memory is bounded whatever the dataset size.
+    flight, so memory is bounded whatever the dataset size. decode: 'exact' (timm's pixels) or
+    'fast' (large JPEGs decoded at a reduced DCT scale first; eval transforms only).
     """
 
     def __init__(self, transform: EvalTransform, workers: int = 2, backend: str = "thread",
-                 window: int = 64, chunk: int = 4):
+                 window: int = 64, chunk: int = 4, decode: str = "exact"):
         if backend not in ("thread", "process"):
             raise ValueError(f"backend must be 'thread' or 'process' (got {backend!r})")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)} (got {decode!r})")
+        if decode == "fast" and not hasattr(transform, "resized_size"):
+            raise ValueError("decode='fast' needs an eval transform (it decodes JPEGs at the size the resize needs)")
+        self.fast = decode == "fast"
         self.transform, self.workers, self.backend = transform, workers, backend
         self.window, self.chunk = max(window, 1), max(chunk, 1)
         self._pool: Optional[cf.Executor] = None
@@ -72,7 +79,7 @@ class Decoder:
     def imap(self, refs: Iterable[ImageRef]) -> Iterator[Tuple[Optional[np.ndarray], Optional[str]]]:
         if self._pool is None:
             for r in refs:
-                yield decode(r, self.transform)
+                yield decode(r, self.transform, self.fast)
             return
         it = iter(refs)
         pending: deque = deque()
@@ -84,7 +91,7 @@ class Decoder:
                 if len(group) == self.chunk:
                     break
             if group:
-                pending.append(self._pool.submit(_decode_many, group, self.transform))
+                pending.append(self._pool.submit(_decode_many, group, self.transform, self.fast))
             return bool(group)
 
         for _ in range(max(1, self.window // self.chunk)):

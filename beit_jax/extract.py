@@ -40,7 +40,7 @@ from .sinks import (FAILED, MANIFEST, OUTPUTS, STORAGE_DTYPES, UNITS, CorruptOut
                     finished_units, iter_features, read_failures, read_features, read_manifest, remove_unfinished_parts)
 from .sources import IMAGE_EXTENSIONS, ImageRef, Inputs, Listed, RefList, Streamed, list_inputs, prefetch
 from .storage import Folder, OutputLockedError, StorageFullError, WriterLock
-from .transforms import create_transform, normalize, resolve_data_config
+from .transforms import DECODE_MODES, create_transform, normalize, resolve_data_config
 
 FORMAT = "beit-jax/features-v2"
 
@@ -181,10 +181,11 @@ class Plan:
 
 
 def _fingerprint(segments) -> str:
-    """The inputs' identity: each listed ref's and streamed source's id, a TableFile's file id."""
+    """The inputs' identity: each listed ref's and streamed source's id; a parquet table's file id
+    (url, version, rows) and a folder's listing id (url, count, hash of its ids) stand for their rows."""
     h = hashlib.sha256()
     for seg in segments:
-        for i in (seg if isinstance(seg, RefList) else [seg]):
+        for i in (seg if isinstance(seg, RefList) and seg.id is None else [seg]):
             h.update(i.id.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
 
@@ -207,8 +208,8 @@ class Manifest:
     # does not depend on the batch it ran in, so a run may resume on another number of hosts/devices.
     IDENTITY_KEYS = ("format", "model", "weights_sha256", "outputs", "dtype", "storage_dtype", "img_size",
                      "data_config", "num_inputs", "inputs_sha256", "rows_per_unit", "rows_per_part", "columns",
-                     "elastic")
-    DEFAULTS = {"elastic": False}  # for manifests written before the field existed
+                     "elastic", "decode")
+    DEFAULTS = {"elastic": False, "decode": "exact"}  # for manifests written before the fields existed
 
     # What the user changes to change a field (for refusals; the CLI says the flags).
     CHANGED_BY = {"model": "`model`", "weights_sha256": "the weights (`checkpoint_path`)", "outputs": "`outputs`",
@@ -216,7 +217,7 @@ class Manifest:
                   "data_config": "the model's data config", "num_inputs": "SRC", "inputs_sha256": "SRC",
                   "rows_per_unit": "`shard_size`", "rows_per_part": "`outputs`",
                   "columns": "SRC (table columns)", "format": "the beit-jax version",
-                  "elastic": "`elastic`"}  # a folder is written by elastic workers, or by one plain run
+                  "elastic": "`elastic`", "decode": "`decode`"}  # a folder is written by elastic workers, or by one plain run
 
     def __init__(self, folder: Folder, fields: Dict[str, Any]):
         self.folder, self.fields = folder, fields
@@ -437,6 +438,9 @@ class ExtractConfig:
     workers: int = option(2, "decode workers per host; 0 decodes inline", minimum=0)
     backend: str = option("thread", "decode worker kind: threads (PIL releases the GIL) or spawned processes",
                           choices=("thread", "process"))
+    decode: str = option("exact", "exact: timm's pixels, bit for bit; fast: a JPEG at least twice the resize "
+                                  "size is decoded at 1/2-1/8 scale first (several times faster on large photos, "
+                                  "features close to but not equal to exact; see README)", choices=DECODE_MODES)
     prefetch_shards: int = option(2, "tar shards streamed in ahead of the one being decoded", minimum=0, cli=False)
     resume: bool = option(False, "continue a killed run in the same folder: finished units are kept")
     elastic: bool = option(False, "one of any number of independent workers (started and stopped at any time, "
@@ -483,6 +487,7 @@ class _Job:
     stop: threading.Event
     t_start: float
     hint: Optional[str]
+    inputs: Inputs
 
 
 def extract(src, output_dir: str, model, variables, config: Optional[ExtractConfig] = None, *,
@@ -511,7 +516,7 @@ def extract(src, output_dir: str, model, variables, config: Optional[ExtractConf
     transform = create_transform(**data_cfg)
     folder = Folder(output_dir, storage_options)
     folder.check_writable()
-    inputs = src if isinstance(src, Inputs) else list_inputs(src, storage_options, cfg.path_column)
+    inputs = src if isinstance(src, Inputs) else list_inputs(src, storage_options, cfg.path_column, folder)
     if not inputs.items and not inputs.problems:
         raise ValueError(f"no images found in {inputs.src} (looked for "
                          f"{', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))} files, lists, tables, tar shards)")
@@ -553,9 +558,10 @@ def extract(src, output_dir: str, model, variables, config: Optional[ExtractConf
         "parallel": cfg.parallel,
         "process_count": dp.process_count,
         "elastic": cfg.elastic,
+        "decode": cfg.decode,
     })
     job = _Job(cfg, manifest, folder, plan, dp, step, writer, model, variables, transform, local_batch,
-               stop or threading.Event(), t_start, defaults.hint)
+               stop or threading.Event(), t_start, defaults.hint, inputs)
     if leases is not None:
         return _run_elastic(job, leases, already_complete=manifest.open_elastic())
     lock = WriterLock(folder) if dp.process_index == 0 else None
@@ -571,6 +577,7 @@ def _run(job: _Job) -> Dict[str, Any]:
     cfg, folder, plan, dp, writer, stop = job.cfg, job.folder, job.plan, job.dp, job.writer, job.stop
     if dp.process_index == 0:
         _remove_own_temp_files(folder)
+        job.inputs.save_listings(folder)  # resumes read it instead of walking SRC's folders again
     par.sync("beit-jax-manifest")
 
     sizes = folder.sizes() if cfg.resume else {}
@@ -601,7 +608,7 @@ def _run(job: _Job) -> Dict[str, Any]:
     refs = prefetch([lambda u=u: plan.refs_of(u) for u in todo], ahead=cfg.prefetch_shards)
     try:
         with Decoder(job.transform, workers=cfg.workers, backend=cfg.backend,
-                     window=max(2 * job.local_batch, 16)) as decoder:
+                     window=max(2 * job.local_batch, 16), decode=cfg.decode) as decoder:
             stream = lockstep(stream_batches(refs, job.local_batch, decoder, image_shape),
                               lambda: HostBatch.empty(job.local_batch, image_shape), stop)
             stats = run_pipeline(job.step, dp, params, stream, on_rows)
@@ -664,6 +671,7 @@ def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str,
     if already_complete:
         return _summary(job, stats, skipped_units=skipped, redone_units=0, interrupted=False,
                         finished_units=skipped, elastic=True, claimed_units=0, lost_units=0)
+    job.inputs.save_listings(folder)
     max_poll_s, poll_s = min(5.0, leases.lease_s / 4), 0.25  # waiting on others: quick at first, then backing off
     image_shape = (job.transform.size[0], job.transform.size[1], 3)
     params = dp.replicate(cast_for_inference(job.model, job.variables))
@@ -676,7 +684,7 @@ def _run_elastic(job: _Job, leases: Leases, already_complete: bool) -> Dict[str,
     leases.start()
     try:
         with Decoder(job.transform, workers=cfg.workers, backend=cfg.backend,
-                     window=max(2 * job.local_batch, 16)) as decoder:
+                     window=max(2 * job.local_batch, 16), decode=cfg.decode) as decoder:
             while not stop.is_set():
                 if all(u in view.finished for u in units):
                     break

@@ -17,7 +17,9 @@ SRC (one or several, any local path or fsspec URL; see storage.py):
 Listed inputs are known up front: files, list lines and csv/jsonl rows become `ImageRef`s at once
 (a `RefList`); a parquet table is a `TableFile`, listed from its footer (row count and schema) and
 read a row group at a time when a unit needs its rows, so start-up and memory do not grow with its
-rows. A tar shard is listed as one `TarShard`, a `Streamed` source read when its turn comes
+rows. A folder's walk is a `FolderListing`; a run keeps it in its output folder (inputs/) and a
+resume or later worker reads it from there as a `SavedListing` (by row group, like a table)
+instead of walking again. A tar shard is listed as one `TarShard`, a `Streamed` source read when its turn comes
 (`stream_tar`), so its samples are never counted or fetched twice. A bad input never raises here:
 it becomes a ref carrying its error.
 """
@@ -28,13 +30,14 @@ import os
 import posixpath
 import queue
 import re
+import sys
 import tarfile
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .storage import filesystem, is_local_fs, unstrip
+from .storage import CREATE_PROTOCOLS, filesystem, is_local_fs, protocol_of, unstrip
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -126,38 +129,30 @@ class RefList(list, Listed):
         return self[lo:hi]
 
 
-class TableFile(Listed):
-    """A parquet table, listed from its footer alone (row count, schema): its rows become ImageRefs
-    only when a unit needs them, so listing costs one footer read per file, whatever its size.
-    `id` fingerprints the file (URL, size, etag or mtime, rows), not its rows."""
+class _RowGroups(Listed):
+    """A listing stored as parquet, read a row group at a time when a unit needs its rows (one
+    group cached: consecutive units share it). A group that cannot be read fails its rows, saying why."""
+    url: str
 
-    def __init__(self, fs, path: str, column: str, renamed: Dict[str, str], info: Dict[str, Any],
-                 row_groups: Sequence[int], file_types: Dict[str, Any], run_types: Dict[str, Any],
-                 storage_options=None):
-        self.fs, self.path, self.url, self.column, self.renamed = fs, path, unstrip(fs, path), column, renamed
-        self.file_types, self.run_types, self.storage_options = file_types, run_types, storage_options
+    def __init__(self, row_groups: Sequence[int]):
         self.starts = np.concatenate([[0], np.cumsum(np.asarray(row_groups, np.int64))])
         self.num_rows = int(self.starts[-1])
-        self.version = _version(info)
-        self.id = f"table:{self.url}\0{self.version}\0{self.num_rows}"
         self._lock = threading.Lock()
-        self._cached: Tuple[int, Any] = (-1, None)  # (row group, its table): consecutive units share one
+        self._cached: Tuple[int, Any] = (-1, None)  # (row group, its rows)
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def _row_group(self, g: int):
-        import pyarrow.parquet as pq
+    def _read_group(self, g: int):
+        raise NotImplementedError
 
+    def _to_refs(self, table, row0: int) -> List["ImageRef"]:
+        raise NotImplementedError
+
+    def _row_group(self, g: int):
         with self._lock:
             if self._cached[0] != g:
-                now = _version(self.fs.info(self.path))
-                if now != self.version:
-                    raise ValueError(f"the file changed since the run listed it (size, etag/mtime {self.version} -> "
-                                     f"{now}); a run reads the tables it started with: start a new run")
-                with self.fs.open(self.path, "rb") as f:
-                    table = pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed])
-                self._cached = (g, table)
+                self._cached = (g, self._read_group(g))
             return self._cached[1]
 
     def refs(self, lo: int, hi: int) -> List["ImageRef"]:
@@ -167,15 +162,151 @@ class TableFile(Listed):
             g = int(np.searchsorted(self.starts, lo, side="right")) - 1
             while lo < hi:
                 first, last = int(self.starts[g]), int(self.starts[g + 1])
-                table = self._row_group(g).slice(lo - first, min(hi, last) - lo)
-                out.extend(_table_refs(self.fs, self.path, table, self.column, self.renamed, self.storage_options, lo,
-                                       _converters(self.file_types, self.run_types, self.renamed)))
+                out.extend(self._to_refs(self._row_group(g).slice(lo - first, min(hi, last) - lo), lo))
                 lo, g = min(hi, last), g + 1
             return out
         except Exception as e:  # noqa: BLE001 - a table that changed or broke since listing: its rows fail, said
             return [ImageRef(f"{self.url}#row{n}", "", error=f"{self.url}: rows {first_row}-{hi - 1} could not be "
                                                               f"read ({type(e).__name__}: {e})")
                     for n in range(first_row, hi)]
+
+
+class TableFile(_RowGroups):
+    """A parquet table, listed from its footer alone (row count, schema): its rows become ImageRefs
+    only when a unit needs them, so listing costs one footer read per file, whatever its size.
+    `id` fingerprints the file (URL, size, etag or mtime, rows), not its rows."""
+
+    def __init__(self, fs, path: str, column: str, renamed: Dict[str, str], info: Dict[str, Any],
+                 row_groups: Sequence[int], file_types: Dict[str, Any], run_types: Dict[str, Any],
+                 storage_options=None):
+        super().__init__(row_groups)
+        self.fs, self.path, self.url, self.column, self.renamed = fs, path, unstrip(fs, path), column, renamed
+        self.file_types, self.run_types, self.storage_options = file_types, run_types, storage_options
+        self.version = _version(info)
+        self.id = f"table:{self.url}\0{self.version}\0{self.num_rows}"
+
+    def _read_group(self, g: int):
+        import pyarrow.parquet as pq
+
+        now = _version(self.fs.info(self.path))
+        if now != self.version:
+            raise ValueError(f"the file changed since the run listed it (size, etag/mtime {self.version} -> "
+                             f"{now}); a run reads the tables it started with: start a new run")
+        with self.fs.open(self.path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed])
+
+    def _to_refs(self, table, row0: int) -> List["ImageRef"]:
+        return _table_refs(self.fs, self.path, table, self.column, self.renamed, self.storage_options, row0,
+                           _converters(self.file_types, self.run_types, self.renamed))
+
+
+LISTINGS = "inputs"  # where a run keeps the listings of its folder SRCs, inside the output folder
+LISTING_ROWS = 1 << 16  # rows per row group of a saved listing
+
+
+def _listing_key(url: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+class FolderListing(RefList):
+    """A folder's (or bucket prefix's) images as a walk found them. `id` names the folder, the
+    count and a hash of the ids (what a saved listing of it also says), so a run that reads the
+    listing saved in its output folder has the identity of the run that walked."""
+
+    def __init__(self, url: str, refs: List["ImageRef"], problems: List["ImageRef"]):
+        import hashlib
+
+        super().__init__(refs)
+        self.url, self.problems = url, problems
+        h = hashlib.sha256()
+        for r in refs:
+            h.update(r.id.encode("utf-8", "surrogateescape") + b"\0")
+        self.digest = h.hexdigest()
+        self.id = f"folder:{url}\0{len(refs)}\0{self.digest}"
+
+    def save(self, out) -> bool:
+        """Keep this listing in `out` (a storage.Folder: the run's output folder) as
+        inputs/<key>.parquet (id, path; row groups of LISTING_ROWS) and inputs/<key>.json (what was
+        listed, when, its problems). Create-if-absent: of workers saving together one writes it.
+        True if this call wrote it."""
+        import io
+        import json
+        import time
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        key = _listing_key(self.url)
+        rel = f"{LISTINGS}/{key}-{self.digest[:16]}.parquet"
+        buf = io.BytesIO()
+        with pq.ParquetWriter(buf, pa.schema([("id", pa.string()), ("path", pa.string())])) as w:
+            for lo in range(0, len(self), LISTING_ROWS):
+                chunk = self[lo:lo + LISTING_ROWS]
+                w.write_table(pa.table({"id": [r.id for r in chunk], "path": [r.path for r in chunk]}))
+        create = out.create if out.local or protocol_of(out.url) in CREATE_PROTOCOLS else _write_if_absent(out)
+        create(rel, buf.getvalue())  # named by its content: one that is there already is this listing
+        meta = {"url": self.url, "rows": len(self), "sha256": self.digest, "file": posixpath.basename(rel),
+                "listed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "problems": [[p.id, p.path, p.error] for p in self.problems]}
+        return create(f"{LISTINGS}/{key}.json", json.dumps(meta, indent=1).encode())
+
+
+def _write_if_absent(out):
+    def create(rel: str, data: bytes) -> bool:  # a store without conditional writes: plain runs only
+        if out.exists(rel):
+            return False
+        out.write(rel, data)
+        return True
+    return create
+
+
+class SavedListing(_RowGroups):
+    """A folder's listing kept in the output folder by the run's first lister (FolderListing.save),
+    read a row group at a time: resumes and later workers neither walk the folder again nor hold
+    its listing in memory. Images added to the folder since are not part of the run."""
+
+    def __init__(self, out, meta: Dict[str, Any], storage_options=None):
+        import pyarrow.parquet as pq
+
+        self.url, self.digest, self.listed_at = meta["url"], meta["sha256"], meta.get("listed_at", "?")
+        self.out, self.rel = out, f"{LISTINGS}/{meta['file']}"
+        try:
+            with out.fs.open(out.path(self.rel), "rb") as f:
+                md = pq.ParquetFile(f).metadata
+            groups = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        except Exception as e:  # noqa: BLE001 - missing or damaged: say which file and what to do
+            raise ValueError(f"{out.url_of(self.rel)}, the saved listing of {self.url}, cannot be read "
+                             f"({type(e).__name__}: {e}): the output folder was damaged; use a new one") from e
+        super().__init__(groups)
+        if self.num_rows != int(meta["rows"]):
+            raise ValueError(f"{out.url_of(self.rel)}, the saved listing of {self.url}, holds {self.num_rows} rows, "
+                             f"its {LISTINGS}/*.json says {meta['rows']}: the output folder was damaged; use a new one")
+        self.id = f"folder:{self.url}\0{self.num_rows}\0{self.digest}"
+        self.problems = [ImageRef(i, p, error=err) for i, p, err in meta.get("problems", [])]
+        self.fs = None if "://" not in self.url else filesystem(self.url, storage_options)[0]
+
+    def _read_group(self, g: int):
+        import pyarrow.parquet as pq
+
+        with self.out.fs.open(self.out.path(self.rel), "rb") as f:
+            return pq.ParquetFile(f).read_row_group(g)
+
+    def _to_refs(self, table, row0: int) -> List["ImageRef"]:
+        return [ImageRef(i, p, self.fs) for i, p in zip(table.column("id").to_pylist(),
+                                                        table.column("path").to_pylist())]
+
+
+def saved_listing(out, url: str, storage_options=None) -> Optional[SavedListing]:
+    """The listing of folder `url` kept in output folder `out`, or None."""
+    import json
+
+    try:
+        meta = json.loads(out.read(f"{LISTINGS}/{_listing_key(url)}.json"))
+    except FileNotFoundError:
+        return None
+    return SavedListing(out, meta, storage_options)
 
 
 @dataclasses.dataclass
@@ -189,6 +320,21 @@ class Inputs:
     src: str = "SRC"  # what was listed, for messages
     column_types: Dict[str, Any] = dataclasses.field(default_factory=dict)  # column -> pyarrow type, one per run
     _recast: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # columns whose values need it
+    saved_in: Any = None  # the output folder (storage.Folder) whose saved listings are read, if any
+
+    def refs(self) -> Iterator[ImageRef]:
+        """Every listed input's ImageRef in order (a parquet table's rows are read for this)."""
+        for item in self.items:
+            if isinstance(item, Listed):
+                yield from item.refs(0, len(item))
+            elif isinstance(item, ImageRef):
+                yield item
+
+    def save_listings(self, out) -> int:
+        """Keep the listing of each folder SRC this process walked in output folder `out` (a
+        storage.Folder; FolderListing.save), so that resumes and later workers read it instead of
+        walking; returns how many were written."""
+        return sum(item.save(out) for item in self.items if isinstance(item, FolderListing))
 
 
 def _ext(name: str) -> str:
@@ -208,10 +354,18 @@ def expand_braces(pattern: str) -> List[str]:
 
 def list_inputs(src: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                 storage_options: Optional[Dict[str, Any]] = None,
-                path_column: Optional[str] = None) -> Inputs:
-    """Every input of SRC in a deterministic order (see the module docstring)."""
+                path_column: Optional[str] = None, output_dir: Optional[Any] = None) -> Inputs:
+    """Every input of SRC in a deterministic order (see the module docstring).
+
+    output_dir (a path/URL or storage.Folder): the run's output folder. A folder SRC whose listing
+    a run saved there (Inputs.save_listings) is read from it instead of walked again."""
+    from .storage import Folder
+
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
-    out = Inputs([], [], [], src=", ".join(os.fspath(s) for s in srcs[:3]) + (" ..." if len(srcs) > 3 else ""))
+    saved_in = output_dir if output_dir is None or isinstance(output_dir, Folder) else Folder(output_dir,
+                                                                                             storage_options)
+    out = Inputs([], [], [], src=", ".join(os.fspath(s) for s in srcs[:3]) + (" ..." if len(srcs) > 3 else ""),
+                 saved_in=saved_in)
     for s in srcs:
         s = os.fspath(s)
         for url in (expand_braces(s) if "{" in s else [s]):
@@ -284,10 +438,20 @@ def _list_one(url: str, storage_options, path_column, out: Inputs) -> None:
             _list_one(unstrip(fs, m), storage_options, path_column, out)
         return
     if fs.isdir(path):
+        folder_url = os.path.abspath(path) if is_local_fs(fs) else unstrip(fs, path)
+        saved = saved_listing(out.saved_in, folder_url, storage_options) if out.saved_in is not None else None
+        if saved is not None:
+            print(f"note: {url}: read from the listing this run saved in {out.saved_in.url_of(saved.rel)} at "
+                  f"{saved.listed_at} ({len(saved)} images), not walked again; images added since are not part of "
+                  f"this run (a new output folder lists the folder anew)", file=sys.stderr, flush=True)
+            out.items.append(saved)
+            out.problems.extend(saved.problems)
+            return
         refs, containers, problems = (_walk_local(path) if is_local_fs(fs) else _walk_remote(fs, path))
         out.problems.extend(problems)
         if refs or not containers:
-            out.items.extend(refs)
+            if refs:
+                out.items.append(FolderListing(folder_url, refs, problems))
             if containers:
                 _warn_skipped(url, containers, f"{len(refs)} images were read; a folder holding images is read "
                                                f"as its images")

@@ -102,6 +102,7 @@ def test_classify_uses_the_checkpoints_classes(ft10, imagenet_dir, tmp_path):
     ("--shard-size", "0", "must be a positive integer"),
     ("--num-classes", "-3", "must be 0 or more"),
     ("--workers", "-1", "must be 0 or more"),
+    ("--decode", "quick", "argument --decode: invalid choice: 'quick' (choose from 'exact', 'fast')"),
 ])
 def test_bad_numbers_are_refused_when_parsing(flag, value, message, tmp_path):
     res = extract_cli(tmp_path, "--output", tmp_path / "o", flag, value)

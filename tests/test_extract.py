@@ -11,6 +11,7 @@ import tarfile
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import beit_jax
@@ -121,6 +122,9 @@ def test_refuses_to_mix_runs_in_one_folder(imagenet_dir, tmp_path):
     with pytest.raises(OutputMismatchError, match="outputs \\(`outputs`\\): folder has \\['pooled'\\], this run \\['tokens'\\]"):
         extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True,
                 outputs=["tokens"])
+    with pytest.raises(OutputMismatchError, match="decode \\(`decode`\\): folder has 'exact', this run 'fast'"):
+        extract(src, str(tmp_path / "o"), model, variables, batch_size=4, progress=False, resume=True,
+                decode="fast")  # fast decoding gives other pixels: not rows of the same run
 
 
 def jax_tree_add(tree, eps):
@@ -272,6 +276,42 @@ def test_read_features_refuses_a_complete_run_missing_markers(imagenet_dir, tmp_
     assert again["images"] == 4 and read_features(tmp_path / "o")[0] == src
 
 
+def test_a_folder_is_walked_once_and_a_resume_reads_the_listing_the_run_saved(imagenet_dir, tmp_path, capsys):
+    """A folder SRC's listing is kept in OUT/inputs/ (parquet + json): a resume (and a later elastic
+    worker) reads its rows from there a row group at a time instead of walking the folder again.
+    An image added since is not part of the run, and the resume says so; a new OUT reads it; a
+    damaged listing is a clear error naming the file."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    imgs = sample_photos(imagenet_dir, 11)
+    for p in imgs[:10]:
+        shutil.copy(p, photos / p.name)
+    model, variables = beit_jax.create_model(TINY, num_classes=0)
+    kw = dict(batch_size=4, shard_size=4, progress=False)
+    out = tmp_path / "o"
+    extract(str(photos), str(out), model, variables, **kw)
+    saved = sorted(os.listdir(out / "inputs"))
+    assert len(saved) == 2 and saved[0].endswith(".parquet") and saved[1].endswith(".json"), saved
+    assert pq.read_table(out / "inputs" / saved[0]).column("path").to_pylist() == sorted(
+        str(photos / p.name) for p in imgs[:10])
+    paths, feats = read_features(out)
+
+    (out / "units" / "0000001.json").unlink()  # a unit to redo: its rows come from the saved listing
+    shutil.copy(imgs[10], photos / "added-later.jpg")
+    capsys.readouterr()
+    again = extract(str(photos), str(out), model, variables, resume=True, **kw)
+    assert again["images"] == 4 and again["skipped_units"] == 2
+    assert "read from the listing this run saved in" in capsys.readouterr().err
+    paths2, feats2 = read_features(out)
+    assert paths2 == paths and np.array_equal(feats2, feats)
+    extract(str(photos), str(tmp_path / "new"), model, variables, **kw)  # a new run lists the folder anew
+    assert len(read_features(tmp_path / "new")[0]) == 11
+
+    (out / "inputs" / saved[0]).write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"inputs/.*\.parquet, the saved listing of .*photos, cannot be read"):
+        extract(str(photos), str(out), model, variables, resume=True, **kw)
+
+
 def test_resume_on_another_device_count(imagenet_dir, tmp_path):
     """Killed on 3 devices (a default global batch that is a multiple of 3), resumed on 1 (64): the batch is
     not part of a run's identity, rows do not depend on it (the resume was refused as "a
@@ -353,9 +393,10 @@ def test_every_input_failing_is_an_error(odd_dir, tmp_path):
 
 # ---- elastic workers ---------------------------------------------------------------------------
 def test_elastic_workers_one_killed_one_late_equal_a_plain_run(imagenet_dir, odd_dir, tmp_path):
-    src = tmp_path / "imgs.txt"
-    inputs = [str(p) for p in sample_photos(imagenet_dir, 1000)] + [str(odd_dir / b) for b in sorted(BROKEN)[:2]]
-    src.write_text("\n".join(inputs) + "\n")
+    src = tmp_path / "photos"  # a folder: walked by the first workers, its listing then read from OUT
+    src.mkdir()
+    for p in [*sample_photos(imagenet_dir, 1000), *(odd_dir / b for b in sorted(BROKEN)[:2])]:
+        (src / p.name).symlink_to(p)
     # one image per unit: enough units (and claims) that the late worker finds some left
     args = ["--batch-size", "4", "--shard-size", "1", "--workers", "1"]
     ref = extract_cli(src, "--output", tmp_path / "ref", *args)
@@ -377,6 +418,8 @@ def test_elastic_workers_one_killed_one_late_equal_a_plain_run(imagenet_dir, odd
     before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
     late = extract_cli(src, "--output", out, *args, "--elastic")
     assert late.returncode == 0 and "elastic worker: 0 images" in late.stdout, late.stderr
+    assert "read from the listing this run saved in" in late.stderr  # one listing, saved by the first to save it
+    assert len(os.listdir(out / "inputs")) == 2
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
 
     # a plain run is refused on an elastic folder, and an elastic worker on a plain one

@@ -281,13 +281,14 @@ def test_two_processes_write_one_s3_output(bucket, s3_env):
 
 
 def test_elastic_workers_on_s3_one_killed_one_late_equal_a_plain_run(s3fs_client, s3_env, imagenet_dir, tmp_path):
-    """Claims, markers and takeovers with conditional PUTs (If-None-Match: *) on a real S3 server."""
-    src = tmp_path / "imgs.txt"
-    src.write_text("\n".join(str(p) for p in sample_photos(imagenet_dir, 160)) + "\n")
+    """Claims, markers, takeovers and the saved listing of an S3 prefix with conditional PUTs
+    (If-None-Match: *) on a real S3 server."""
+    s3fs_client.mkdir("elastic")
+    s3fs_client.put([str(p) for p in sample_photos(imagenet_dir, 160)], "elastic/photos/")
+    src = "s3://elastic/photos/"
     args = ["--batch-size", "4", "--shard-size", "1", "--workers", "1"]
     ref = extract_cli(src, "--output", tmp_path / "ref", *args)
     assert ref.returncode == 0, ref.stderr
-    s3fs_client.mkdir("elastic")
     a_pid, b, c = elastic_fleet(src, "s3://elastic/out", args, tmp_path, env_extra=s3_env)
     for name, p in (("b", b), ("c", c)):
         assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
@@ -297,6 +298,8 @@ def test_elastic_workers_on_s3_one_killed_one_late_equal_a_plain_run(s3fs_client
     assert any(n.endswith("-0001.json") for n in claims), sorted(claims)[:5]
     late = extract_cli(src, "--output", "s3://elastic/out", *args, "--elastic")
     assert late.returncode == 0 and "elastic worker: 0 images" in late.stdout, late.stderr
+    assert "read from the listing this run saved in s3://elastic/out/inputs/" in late.stderr
+    assert len(s3fs_client.ls("elastic/out/inputs")) == 2
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_a_folder_of_images_reads_its_images_and_says_what_it_skipped(photos, tm
         (tmp_path / "mixed" / p.name).write_bytes(p.read_bytes())
     pq.write_table(pa.table({"url": [str(photos[3])]}), tmp_path / "mixed" / "other.parquet")
     with pytest.warns(UserWarning, match=r"1 files were not read \(other\.parquet\): 2 images were read"):
-        items = list_inputs(str(tmp_path / "mixed")).items
+        items = list(list_inputs(str(tmp_path / "mixed")).refs())
     assert sorted(r.id.split("/")[-1] for r in items) == sorted(p.name for p in photos[:2])
 
 
@@ -277,7 +277,7 @@ def test_unreadable_folder_is_recorded(imagenet_dir, tmp_path):
     shutil.copy(sample_photos(imagenet_dir, 3)[2], base / "secret" / "hidden.jpg")
     os.chmod(base / "secret", 0)
     code = ("import json, sys; from beit_jax.sources import list_inputs; i = list_inputs(sys.argv[1]); "
-            "print(json.dumps([[r.id for r in i.items], [p.error for p in i.problems]]))")
+            "print(json.dumps([[r.id for r in i.refs()], [p.error for p in i.problems]]))")
     cmd = [sys.executable, "-c", code, str(base)]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:

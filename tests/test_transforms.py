@@ -88,3 +88,56 @@ def test_exif_transpose_is_opt_in(odd_dir):
     rotated = load_image(odd_dir / "hopper_orientation_6.jpg", exif_transpose=True)
     assert plain.size == (128, 128) and rotated.size == (128, 128)
     assert not np.array_equal(np.asarray(plain), np.asarray(rotated))
+
+
+def _jpeg_bytes(path, long_side=None, quality=90) -> bytes:
+    import io
+
+    img = Image.open(path).convert("RGB")
+    if long_side:
+        s = long_side / max(img.size)
+        img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_fast_decode_reduces_only_large_jpegs_deterministically_and_close_to_exact(imagenet_dir, odd_dir):
+    """`decode="fast"` (extract --decode fast): a JPEG at least twice the resize size in both sides
+    is decoded at 1/2-1/8 scale in the DCT domain, then resized from there as the full image would
+    be: the same pixels every time, close to but not equal to exact. Every other file (PNG, GIF,
+    TIFF, ... and JPEGs under twice the size) gives exactly the exact path's pixels."""
+    from beit_jax.data import decode
+    from beit_jax.sources import ImageRef
+    from beit_jax.transforms import DRAFT_INFO
+
+    t = beit_jax.create_transform(**beit_jax.resolve_data_config("beit_base_patch16_224"))  # resize to 248
+
+    def both(data: bytes, name: str):
+        ref = ImageRef(name, name, data=data)
+        (exact, e1), (fast, e2) = decode(ref, t), decode(ref, t, fast=True)
+        assert e1 is None and e2 is None, (name, e1, e2)
+        return exact, fast
+
+    untouched = 0
+    for p in [*sorted(odd_dir.iterdir()), *sorted(imagenet_dir.iterdir())[:20]]:
+        if p.name in BROKEN:
+            continue
+        with Image.open(p) as img:
+            reduced = img.format == "JPEG" and min(img.size) >= 2 * 248  # hopper_bad_exif.jpg: 500 x 500
+        exact, fast = both(p.read_bytes(), p.name)
+        assert np.array_equal(exact, fast) != reduced, p.name
+        untouched += not reduced
+    assert untouched >= 35
+
+    diffs = []
+    for p in sorted(imagenet_dir.iterdir())[::100]:  # re-encoded at 2048 px: 1/4 or 1/8 scale decodes
+        data = _jpeg_bytes(p, long_side=2048)
+        img = load_image(data, resized_size=t.resized_size)
+        (full_w, full_h), box = img.info[DRAFT_INFO]
+        assert max(full_w, full_h) == 2048 and img.width <= -(-full_w // 4) and min(img.size) >= 248, (p.name, img.size)
+        exact, fast = both(data, p.name)
+        assert np.array_equal(fast, both(data, p.name)[1])  # deterministic
+        assert fast.shape == exact.shape == (224, 224, 3) and not np.array_equal(fast, exact)
+        diffs.append(np.abs(fast.astype(np.int16) - exact.astype(np.int16)).mean())
+    assert 0 < np.mean(diffs) < 1.5, diffs  # measured: about 0.8 of 255 on average

@@ -54,7 +54,7 @@ def _run(args, stop, received) -> int:
     Folder(args.output, args.storage_options).check_writable()
     defaults = inference_defaults(args.dtype, args.batch_size)
     cfg = config_from_args(args, ExtractConfig, batch_size=defaults.batch_size)
-    inputs = list_inputs(args.src, args.storage_options, cfg.path_column)
+    inputs = list_inputs(args.src, args.storage_options, cfg.path_column, args.output)
     if defaults.hint and jax.process_index() == 0:
         print(to_cli(defaults.hint), file=sys.stderr, flush=True)
     model, variables = load_model(args, dtype=dtype_of(defaults.dtype))
