@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from .augment import RandAugment, RandomErasing, erase, random_resized_crop_params
-from .models import get_pretrained_cfg
 
 INTERPOLATION = {
     "nearest": Image.NEAREST,
@@ -45,6 +44,8 @@ def resolve_data_config(model=None, **overrides) -> Dict[str, Any]:
                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                                crop_pct=DEFAULT_CROP_PCT, crop_mode="center")
     if isinstance(model, str):  # a name: its tag's config
+        from .models import get_pretrained_cfg  # here, so decode workers need not import JAX
+
         pcfg, model = get_pretrained_cfg(model), None
     else:
         pcfg = getattr(model, "pretrained_cfg", None)

@@ -157,11 +157,18 @@ def test_pretrained_unreachable_says_what_to_do(tmp_path):
 
 
 def test_import_does_not_import_torch():
-    res = subprocess.run([sys.executable, "-c", "import sys, beit_jax, beit_jax.cli; "
-                          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))"],
-                         capture_output=True, text=True, env=subprocess_env())
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    """Every public name (loaded on first use) and every module of the library, without torch or
+    timm; and what a decode worker process imports (beit_jax.data) without JAX either."""
+    def loaded(code):
+        res = subprocess.run([sys.executable, "-c", f"import sys; {code}; print(sorted({{m.split('.')[0] for m in "
+                              f"sys.modules}} & {{'torch', 'timm', 'jax', 'flax'}}))"],
+                             capture_output=True, text=True, env=subprocess_env())
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    assert loaded("import beit_jax, beit_jax.cli, beit_jax.extract, beit_jax.finetune, beit_jax.elastic; "
+                  "[getattr(beit_jax, n) for n in beit_jax.__all__]") == "['flax', 'jax']"
+    assert loaded("import beit_jax.data") == "[]"
 
 
 def test_registry_matches_timm():
