@@ -22,6 +22,7 @@ _EXPORTS = {
     ".models": ("Beit", "Beit3", "PretrainedCfg", "build_model", "cast_for_inference", "get_pretrained_cfg",
                 "list_models"),
     ".transforms": ("ImageLoadError", "create_transform", "load_image", "resolve_data_config"),
+    ".models.segmentation": ("BeitSegmenter", "create_segmentation_model", "list_segmentation_models"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -31,6 +32,7 @@ __all__ = [
     "to_timm_state_dict", "load_checkpoint", "load_state_dict_file", "save_flax_checkpoint",
     "save_safetensors", "resolve_data_config", "create_transform", "load_image", "ImageLoadError",
     "read_features", "iter_features", "cast_for_inference",
+    "BeitSegmenter", "create_segmentation_model", "list_segmentation_models",
 ]
 
 
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict  # noqa: F401
     from .models import (Beit, Beit3, PretrainedCfg, build_model, cast_for_inference,  # noqa: F401
                          get_pretrained_cfg, list_models)
+    from .models.segmentation import BeitSegmenter, create_segmentation_model, list_segmentation_models  # noqa: F401
     from .nnx_model import BeitNNX, create_nnx_model  # noqa: F401
     from .sinks import iter_features, read_features  # noqa: F401
     from .transforms import ImageLoadError, create_transform, load_image, resolve_data_config  # noqa: F401

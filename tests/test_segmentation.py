@@ -1,0 +1,214 @@
+"""Semantic segmentation (BEiT + FPN + UPerNet): parity with transformers' PyTorch
+BeitForSemanticSegmentation on perturbed random weights (BatchNorm statistics too), save_pretrained
+folders both ways, registered names through the Hub cache, and a timm backbone starting a segmenter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import beit_jax
+from beit_jax.models.segmentation import SegConfig, create_segmentation_model, save_hf_folder
+from tests.support import TINY, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
+
+# Two architectures transformers builds from config.json: base-like (per-block relative position
+# tables, layer scale, out_indices 1..4), and another depth / grid / out_indices with a shared
+# relative position table, absolute position embeddings, no layer scale and a 2-conv auxiliary
+# head that concatenates its input.
+CONFIGS = {
+    "base-like": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+                      out_indices=[1, 2, 3, 4], use_relative_position_bias=True, layer_scale_init_value=0.1,
+                      use_auxiliary_head=True, auxiliary_channels=16, num_labels=5),
+    "shared-abs-96": dict(hidden_size=48, num_hidden_layers=6, num_attention_heads=3, intermediate_size=96,
+                          image_size=96, out_indices=[2, 4, 5, 6], use_relative_position_bias=False,
+                          use_shared_relative_position_bias=True, use_absolute_position_embeddings=True,
+                          layer_scale_init_value=0.0, use_auxiliary_head=True, auxiliary_channels=8,
+                          auxiliary_num_convs=2, auxiliary_concat_input=True, num_labels=7),
+}
+
+
+def hf_segmenter(name: str, seed: int = 0):
+    """transformers' model for a config, every weight and BatchNorm statistic perturbed."""
+    from transformers import BeitConfig, BeitForSemanticSegmentation
+
+    torch.manual_seed(seed)
+    model = BeitForSemanticSegmentation(BeitConfig(patch_size=16, **CONFIGS[name])).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():
+            if n.endswith("running_mean"):
+                b.copy_(torch.randn_like(b) * 0.2)
+            elif n.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+    return model
+
+
+def photos(imagenet_dir, n: int, size: int) -> np.ndarray:
+    """Real photos, resized and normalised as the ADE20K image processor does (mean = std = 0.5)."""
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+              for p in sample_photos(imagenet_dir, n)]
+    return (np.stack(arrays) / 255.0 - 0.5) / 0.5
+
+
+def hf_outputs(model, x: np.ndarray):
+    """(logits, auxiliary logits, labels at input size) of transformers' model, NHWC."""
+    pixels = torch.from_numpy(x).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(pixels).logits
+        # the auxiliary head's logits, from the feature maps as BeitForSemanticSegmentation.forward makes them
+        hs = model.beit(pixels, output_hidden_states=True).hidden_states
+        g = x.shape[1] // model.config.patch_size
+        maps = tuple(hs[i - 1][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, g, g) for i in model.config.out_indices)
+        aux = model.auxiliary_head(model.fpn(maps))
+        labels = torch.nn.functional.interpolate(logits, size=x.shape[1:3], mode="bilinear",
+                                                 align_corners=False).argmax(1)
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    return nhwc(logits), nhwc(aux), labels.numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_labels_and_auxiliary_logits_equal_transformers(name, imagenet_dir, tmp_path):
+    hf = hf_segmenter(name)
+    hf.save_pretrained(tmp_path / "hf")
+    model, variables = create_segmentation_model(str(tmp_path / "hf"))
+    assert model.config.out_indices == tuple(CONFIGS[name]["out_indices"])
+    x = photos(imagenet_dir, 2, CONFIGS[name]["image_size"])
+    ref_logits, ref_aux, ref_labels = hf_outputs(hf, x)
+
+    logits = np.asarray(model.apply(variables, x))
+    logits_, aux = model.apply(variables, x, method="forward_aux")
+    labels = np.asarray(model.apply(variables, x, method="predict"))
+    assert logits.shape == ref_logits.shape == (2, x.shape[1] // 4, x.shape[2] // 4, CONFIGS[name]["num_labels"])
+    assert max_abs(logits, ref_logits) < 1e-5 * max(1.0, np.abs(ref_logits).max()), max_abs(logits, ref_logits)
+    assert max_abs(np.asarray(aux), ref_aux) < 1e-5 * max(1.0, np.abs(ref_aux).max())
+    assert np.array_equal(np.asarray(logits_), logits)
+    assert labels.shape == ref_labels.shape == (2, *x.shape[1:3]) and labels.dtype == np.int32
+    assert (labels == ref_labels).mean() > 0.999  # a near tie may flip a pixel, nothing more
+
+
+def test_hf_folder_round_trip_is_identical_in_transformers(tmp_path, imagenet_dir):
+    """HF folder -> beit-jax -> HF folder: the same keys, and transformers gives identical logits."""
+    from safetensors.numpy import load_file
+    from transformers import BeitForSemanticSegmentation
+
+    hf = hf_segmenter("shared-abs-96", seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    model, variables = create_segmentation_model(str(tmp_path / "hf"))
+    save_hf_folder(str(tmp_path / "back"), model, variables)
+    assert set(load_file(tmp_path / "back" / "model.safetensors")) == set(load_file(tmp_path / "hf" / "model.safetensors"))
+    again = BeitForSemanticSegmentation.from_pretrained(tmp_path / "back").eval()
+    x = torch.from_numpy(photos(imagenet_dir, 2, 96)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, hf(x).logits)
+    with pytest.raises(FileExistsError, match="already holds config.json: choose an empty folder"):
+        save_hf_folder(str(tmp_path / "back"), model, variables)
+
+
+def test_bad_folders_and_settings_are_named(tmp_path):
+    hf = hf_segmenter("base-like")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        create_segmentation_model(str(tmp_path))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(cfg, out_indices=[1, 2, 3])))
+    with pytest.raises(ValueError, match=r"config.json: out_indices must name 4 hidden states"):
+        create_segmentation_model(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(cfg, hidden_size=64)))
+    with pytest.raises(beit_jax.CheckpointMismatchError, match="does not fit"):
+        create_segmentation_model(str(tmp_path / "hf"))
+    with pytest.raises(TypeError, match="unknown segmenter settings \\['depth'\\]"):
+        create_segmentation_model("beit_base_upernet_640.ade20k", depth=2)
+
+
+def test_new_classes_start_fresh_classifiers_loudly(tmp_path, imagenet_dir):
+    hf = hf_segmenter("base-like")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match="its heads have 5 classes; num_classes=3 starts the decode and auxiliary "
+                                         "classifiers fresh"):
+        model, variables = create_segmentation_model(str(tmp_path / "hf"), num_classes=3)
+    assert model.apply(variables, photos(imagenet_dir, 1, 64)).shape == (1, 16, 16, 3)
+    full, full_vars = create_segmentation_model(str(tmp_path / "hf"))
+    assert np.array_equal(variables["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"],
+                          full_vars["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"])
+
+
+def test_registered_names_load_through_the_hub_cache_offline(tmp_path, imagenet_dir):
+    """pretrained=True fetches config.json and the weights of the registered repo through
+    huggingface_hub (a cache built here, HF_HUB_OFFLINE=1); a cache without them says what to do."""
+    hf = hf_segmenter("base-like", seed=5)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--microsoft--beit-base-finetuned-ade-640-640"
+    hf.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    x = photos(imagenet_dir, 1, 64)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, sys, beit_jax\n"
+            "m, v = beit_jax.create_segmentation_model('beit_base_upernet_640.ade20k', pretrained=True)\n"
+            f"np.save(r'{tmp_path / 'out.npy'}', np.asarray(m.apply(v, np.load(r'{tmp_path / 'x.npy'}'))))\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "torch imported: False" in res.stdout
+    ref = hf_outputs(hf, x)[0]
+    assert max_abs(np.load(tmp_path / "out.npy"), ref) < 1e-5 * max(1.0, np.abs(ref).max())
+
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    res = subprocess.run([sys.executable, "-c", "import beit_jax; beit_jax.create_segmentation_model("
+                          "'beit_large_upernet_640.ade20k', pretrained=True)"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "PretrainedUnavailableError" in res.stderr
+    assert "microsoft/beit-large-finetuned-ade-640-640" in res.stderr
+
+
+def test_registered_architectures_are_the_published_ones():
+    """pretrained=False builds the published architecture without any download (only the
+    config is checked here: a 640 px BEiT-L init is minutes of CPU)."""
+    from beit_jax.models.segmentation import SEGMENTATION_MODELS
+
+    assert beit_jax.list_segmentation_models() == ["beit_base_upernet_640.ade20k", "beit_large_upernet_640.ade20k"]
+    base, large = (SEGMENTATION_MODELS[n][1] for n in beit_jax.list_segmentation_models())
+    assert (base.hidden_size, base.num_hidden_layers, base.out_indices, base.image_size) == (768, 12, (3, 5, 7, 11), 640)
+    assert (large.hidden_size, large.num_hidden_layers, large.out_indices) == (1024, 24, (7, 11, 15, 23))
+    assert SegConfig.from_hf(base.to_hf()) == dataclasses.replace(base, id2label={i: f"LABEL_{i}" for i in range(150)})
+
+
+def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, imagenet_dir):
+    """create_segmentation_model(<timm BEiT>, num_classes=K): the backbone is the timm model (its
+    block outputs equal timm's forward_intermediates), the heads are new, out_indices sit at the
+    quarters of its depth, and the export is a folder transformers loads with the same logits."""
+    from safetensors.torch import save_file
+    from transformers import BeitForSemanticSegmentation
+
+    small = dict(depth=4, img_size=64, embed_dim=64, num_heads=2)
+    tm = timm_model("beit_base_patch16_224", **small)
+    save_file({k: torch.from_numpy(v) for k, v in timm_state_dict(tm).items()}, tmp_path / "timm.safetensors")
+    model, variables = create_segmentation_model("beit_base_patch16_224", num_classes=4, img_size=64,
+                                                 checkpoint_path=str(tmp_path / "timm.safetensors"),
+                                                 backbone_kwargs=dict(depth=4, embed_dim=64, num_heads=2))
+    assert model.config.out_indices == (1, 2, 3, 4)  # hidden_states[0..3]: the embedding, blocks 0, 1, 2
+    x = photos(imagenet_dir, 2, 64)
+    hidden = model.apply(variables, x, method=lambda m, x: m.backbone.hidden_states(x))
+    with torch.no_grad():
+        ref = tm.forward_intermediates(torch.from_numpy(x).permute(0, 3, 1, 2), intermediates_only=True)
+    assert len(ref) == len(hidden) - 1 == 4
+    for ours, theirs in zip(hidden[1:], ref):  # timm's maps are NCHW without the cls token
+        assert max_abs(np.asarray(ours)[:, 1:], theirs.flatten(2).transpose(1, 2).numpy()) < 1e-5
+
+    save_hf_folder(str(tmp_path / "hf"), model, variables)
+    hf = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf").eval()
+    ref_logits = hf_outputs(hf, x)[0]
+    logits = np.asarray(model.apply(variables, x))
+    assert logits.shape == (2, 16, 16, 4)
+    assert max_abs(logits, ref_logits) < 1e-5 * max(1.0, np.abs(ref_logits).max())
+    with pytest.raises(ValueError, match="needs num_classes"):
+        create_segmentation_model(TINY)
+    with pytest.raises(ValueError, match="has 2 blocks: a segmenter takes 4 different block outputs"):
+        create_segmentation_model(TINY, num_classes=3)
