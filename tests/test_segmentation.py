@@ -177,7 +177,8 @@ def test_registered_architectures_are_the_published_ones():
     base, large = (SEGMENTATION_MODELS[n][1] for n in beit_jax.list_segmentation_models())
     assert (base.hidden_size, base.num_hidden_layers, base.out_indices, base.image_size) == (768, 12, (3, 5, 7, 11), 640)
     assert (large.hidden_size, large.num_hidden_layers, large.out_indices) == (1024, 24, (7, 11, 15, 23))
-    assert SegConfig.from_hf(base.to_hf()) == dataclasses.replace(base, id2label={i: f"LABEL_{i}" for i in range(150)})
+    assert SegConfig.from_hf(base.to_hf()) == dataclasses.replace(base, id2label=tuple((i, f"LABEL_{i}")
+                                                                                       for i in range(150)))
 
 
 def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, imagenet_dir):
@@ -212,3 +213,70 @@ def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, im
         create_segmentation_model(TINY)
     with pytest.raises(ValueError, match="has 2 blocks: a segmenter takes 4 different block outputs"):
         create_segmentation_model(TINY, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def seg_folder(tmp_path_factory):
+    """A small transformers segmenter saved as save_pretrained writes it (64 px crops)."""
+    path = tmp_path_factory.mktemp("seg") / "hf"
+    hf_segmenter("base-like", seed=7).save_pretrained(path)
+    return path
+
+
+def test_whole_and_slide_inference_follow_transformers_and_mmseg(seg_folder, imagenet_dir):
+    """whole: transformers' squash + bilinear logits back to the image; slide: mmseg's grid of
+    crops whose logits are averaged where they overlap; flip adds the mirrored logits."""
+    from beit_jax.segment import crop_boxes, segment, segment_logits
+
+    model, variables = create_segmentation_model(str(seg_folder))
+    img = Image.open(sample_photos(imagenet_dir, 1)[0]).convert("RGB")
+    whole = segment(model, variables, img, mode="whole")
+    assert whole.shape == (img.height, img.width) and whole.dtype == np.int32
+    x = (np.asarray(img.resize((64, 64), Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
+    up = jax_resize(np.asarray(model.apply(variables, x[None]))[0], (img.height, img.width))
+    assert np.array_equal(whole, up.argmax(-1))
+
+    square = img.resize((64, 64), Image.BILINEAR)  # one crop: slide is whole
+    assert np.allclose(segment_logits(model, variables, square, mode="slide"),
+                       segment_logits(model, variables, square, mode="whole"), atol=1e-5)
+    assert crop_boxes(64, 150, 64, 42) == [(0, 0, 64, 64), (0, 42, 64, 106), (0, 84, 64, 148), (0, 86, 64, 150)]
+    wide = img.resize((150, 64), Image.BILINEAR)  # 4 crops; columns 0-41 are only in the first
+    logits = segment_logits(model, variables, wide, mode="slide", stride=42)
+    first = (np.asarray(wide, np.float32)[:, :64] / 255 - 0.5) / 0.5
+    ref = jax_resize(np.asarray(model.apply(variables, first[None]))[0], (64, 64))
+    assert np.allclose(logits[:, :42], ref[:, :42], atol=1e-4)
+
+    mirrored = wide.transpose(Image.FLIP_LEFT_RIGHT)
+    flipped = segment_logits(model, variables, wide, mode="whole", flip=True)
+    assert np.allclose(flipped, segment_logits(model, variables, mirrored, mode="whole", flip=True)[:, ::-1], atol=1e-4)
+    with pytest.raises(ValueError, match="mode must be one of whole, slide"):
+        segment(model, variables, img, mode="sliding")
+
+
+def jax_resize(logits, size):
+    import jax
+
+    return np.asarray(jax.image.resize(logits, (*size, logits.shape[-1]), "bilinear", antialias=False))
+
+
+def test_segment_cli_writes_palette_pngs_and_overlays_of_real_photos(seg_folder, imagenet_dir, odd_dir, tmp_path):
+    from tests.support import cli
+
+    imgs = sample_photos(imagenet_dir, 3)
+    out = tmp_path / "out"
+    res = cli("segment", *imgs, odd_dir / "broken.png", "--output", out, "--model", seg_folder, "--flip")
+    assert res.returncode == 1 and "cannot read image" in res.stderr and "broken.png" in res.stderr  # the rest is done
+    model, variables = create_segmentation_model(str(seg_folder))
+    from beit_jax.segment import segment
+
+    for p in imgs:
+        png = Image.open(out / f"{p.stem}.png")
+        photo = Image.open(p)
+        assert png.mode == "P" and png.size == photo.size
+        assert np.array_equal(np.asarray(png), segment(model, variables, photo, mode="slide", flip=True))
+        assert Image.open(out / f"{p.stem}_overlay.jpg").size == photo.size
+    summary = json.loads((out / "segment.json").read_text())
+    assert [s["image"] for s in summary["images"]] == [str(p) for p in imgs]
+
+    again = cli("segment", imgs[0], "--output", out, "--model", seg_folder)
+    assert again.returncode == 2 and "already exists" in again.stderr and "nothing is overwritten" in again.stderr

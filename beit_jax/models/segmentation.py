@@ -165,7 +165,12 @@ class SegConfig:
     auxiliary_concat_input: bool = False
     semantic_loss_ignore_index: int = 255
     hidden_act: str = "gelu"
-    id2label: Optional[Dict[int, str]] = None
+    id2label: Optional[Tuple[Tuple[int, str], ...]] = None  # (index, name) pairs: hashable, as a module field must be
+
+    @property
+    def label_names(self) -> Dict[int, str]:
+        """{class index: name} (transformers' id2label; LABEL_i where the config names none)."""
+        return dict(self.id2label) if self.id2label else {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], where: str = "config.json") -> "SegConfig":
@@ -178,9 +183,11 @@ class SegConfig:
         for k in ("out_indices", "pool_scales"):
             if k in kw:
                 kw[k] = tuple(int(i) for i in kw[k])
-        if "id2label" in kw and kw["id2label"]:
-            kw["id2label"] = {int(k): v for k, v in kw["id2label"].items()}
+        if kw.get("id2label"):
+            kw["id2label"] = tuple(sorted((int(k), str(v)) for k, v in kw["id2label"].items()))
             kw.setdefault("num_labels", len(kw["id2label"]))
+        else:
+            kw.pop("id2label", None)
         out = cls(**kw)
         if len(out.out_indices) != 4:
             raise ValueError(f"{where}: out_indices must name 4 hidden states (got {list(out.out_indices)})")
@@ -193,7 +200,7 @@ class SegConfig:
         """A config.json transformers' BeitForSemanticSegmentation.from_pretrained reads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["out_indices"], d["pool_scales"] = list(self.out_indices), list(self.pool_scales)
-        labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        labels = self.label_names
         d["id2label"] = {str(k): v for k, v in labels.items()}
         d["label2id"] = {v: int(k) for k, v in labels.items()}
         return dict(d, model_type="beit", architectures=["BeitForSemanticSegmentation"], use_mask_token=False,
