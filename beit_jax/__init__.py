@@ -22,7 +22,8 @@ _EXPORTS = {
     ".models": ("Beit", "Beit3", "PretrainedCfg", "build_model", "cast_for_inference", "get_pretrained_cfg",
                 "list_models"),
     ".transforms": ("ImageLoadError", "create_transform", "load_image", "resolve_data_config"),
-    ".models.segmentation": ("BeitSegmenter", "create_segmentation_model", "list_segmentation_models"),
+    ".models.segmentation": ("BeitSegmenter", "list_segmentation_models"),
+    ".segmentation": ("create_segmentation_model",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -61,7 +62,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict  # noqa: F401
     from .models import (Beit, Beit3, PretrainedCfg, build_model, cast_for_inference,  # noqa: F401
                          get_pretrained_cfg, list_models)
-    from .models.segmentation import BeitSegmenter, create_segmentation_model, list_segmentation_models  # noqa: F401
+    from .models.segmentation import BeitSegmenter, list_segmentation_models  # noqa: F401
     from .nnx_model import BeitNNX, create_nnx_model  # noqa: F401
+    from .segmentation import create_segmentation_model  # noqa: F401
     from .sinks import iter_features, read_features  # noqa: F401
     from .transforms import ImageLoadError, create_transform, load_image, resolve_data_config  # noqa: F401

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import beit_jax
-from beit_jax.models.segmentation import SegConfig, create_segmentation_model, save_hf_folder
+from beit_jax.models.segmentation import SegConfig
+from beit_jax.segmentation import create_segmentation_model, save_hf_folder
 from tests.support import TINY, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
 
 # Two architectures transformers builds from config.json: base-like (per-block relative position
@@ -226,7 +227,7 @@ def seg_folder(tmp_path_factory):
 def test_whole_and_slide_inference_follow_transformers_and_mmseg(seg_folder, imagenet_dir):
     """whole: transformers' squash + bilinear logits back to the image; slide: mmseg's grid of
     crops whose logits are averaged where they overlap; flip adds the mirrored logits."""
-    from beit_jax.segment import crop_boxes, segment, segment_logits
+    from beit_jax.segmentation import crop_boxes, segment, segment_logits
 
     model, variables = create_segmentation_model(str(seg_folder))
     img = Image.open(sample_photos(imagenet_dir, 1)[0]).convert("RGB")
@@ -267,7 +268,7 @@ def test_segment_cli_writes_palette_pngs_and_overlays_of_real_photos(seg_folder,
     res = cli("segment", *imgs, odd_dir / "broken.png", "--output", out, "--model", seg_folder, "--flip")
     assert res.returncode == 1 and "cannot read image" in res.stderr and "broken.png" in res.stderr  # the rest is done
     model, variables = create_segmentation_model(str(seg_folder))
-    from beit_jax.segment import segment
+    from beit_jax.segmentation import segment
 
     for p in imgs:
         png = Image.open(out / f"{p.stem}.png")

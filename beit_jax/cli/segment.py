@@ -55,9 +55,8 @@ def run(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from ..models.segmentation import create_segmentation_model
     from ..parallel import inference_defaults
-    from ..segment import label_png, overlay, segment
+    from ..segmentation import create_segmentation_model, label_png, overlay, segment
     from ..transforms import ImageLoadError, load_image
 
     if not 0.0 <= args.alpha <= 1.0:
