@@ -262,8 +262,7 @@ def main():
         if not torch.cuda.is_available():
             sys.exit("--device gpu: torch sees no CUDA device")
         device_kind = torch.cuda.get_device_name(0)
-    meta = dict(machine=f"{platform.processor() or platform.machine()} ({_cpu_name()})"
-                        + (f", {device_kind}" if device_kind else ""),
+    meta = dict(machine=_cpu_name() + (f", {device_kind}" if device_kind else ""), cpu=_cpu_info(),
                 cpus=os.cpu_count(), device=args.device, device_kind=device_kind,
                 jax=jax.__version__, torch=torch.__version__, timm=timm.__version__,
                 date=time.strftime("%Y-%m-%d"), command=" ".join(["benchmarks/bench_model.py"] + sys.argv[1:]))
@@ -286,14 +285,28 @@ def main():
                        check=False)
 
 
-def _cpu_name():
+def _cpu_info() -> dict:
+    """The CPU's vendor, family/model numbers, name and the ISA flags that matter for matmuls."""
+    info = {"vendor": platform.machine(), "name": platform.processor() or platform.machine()}
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
-        pass
-    return platform.machine()
+        return info
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
+    return {"vendor": fields.get("vendor_id", info["vendor"]), "name": fields.get("model name", info["name"]),
+            "family": fields.get("cpu family"), "model": fields.get("model"),
+            "isa": [f for f in wanted if f in flags]}
+
+
+def _cpu_name() -> str:
+    """One line: name, vendor, family/model, ISA flags (every table says which CPU it ran on)."""
+    c = _cpu_info()
+    fam = f", family {c['family']} model {c['model']}" if c.get("family") else ""
+    isa = f"; {' '.join(c['isa'])}" if c.get("isa") else ""
+    return f"{c['name']} ({c['vendor']}{fam}{isa})"
 
 
 if __name__ == "__main__":

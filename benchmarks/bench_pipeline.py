@@ -307,14 +307,9 @@ def main():
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+    from bench_model import _cpu_name  # the same CPU line as the model tables
+
+    return _cpu_name()
 
 
 def markdown(res, jax_version, devices) -> str:
