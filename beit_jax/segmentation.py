@@ -260,8 +260,8 @@ def _download(repo: str) -> str:
     except Exception as e:
         raise PretrainedUnavailableError(
             f"could not get {repo} from the Hugging Face Hub or its cache ({type(e).__name__}: {e}). Connect to "
-            f"the Hub once (the files are then cached under HF_HOME), or download the repo and pass its folder "
-            f"to create_segmentation_model") from e
+            f"the Hub once (the files are then cached under HF_HOME), or copy the repo's files (config.json and "
+            f"model.safetensors) into a folder and pass that folder as the model (`name_or_path`)") from e
 
 
 def create_segmentation_model(name_or_path: str, pretrained: bool = False, *, num_classes: Optional[int] = None,

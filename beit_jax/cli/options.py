@@ -29,7 +29,7 @@ def user_errors() -> tuple:
 # the one place that maps them.
 FLAG_OF = {"output_dir": "--output", "checkpoint_path": "--checkpoint", "train_dir": "--train", "val_dir": "--val",
            "storage_options": "--storage-options", "dtype": "--dtype", "model": "--model", "img_size": "--img-size",
-           "num_classes": "--num-classes"}
+           "num_classes": "--num-classes", "name_or_path": "--model"}
 _PARAM = re.compile(r"`([a-z_]+(?:=[^`,]*)?(?:, [a-z_]+(?:=[^`,]*)?)*)`")
 
 

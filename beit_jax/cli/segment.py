@@ -34,7 +34,6 @@ def register(sub) -> None:
 
 def _outputs(args):
     """{image: (png path, overlay path)}, refusing clashes and files already there before any work."""
-    os.makedirs(args.output, exist_ok=True)
     out, seen = {}, {}
     for path in args.images:
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -65,6 +64,7 @@ def run(args) -> int:
     defaults = inference_defaults(args.dtype, None)
     dtype = jnp.bfloat16 if defaults.dtype == "bfloat16" else jnp.float32
     model, variables = create_segmentation_model(args.model, pretrained=not args.random_weights, dtype=dtype)
+    os.makedirs(args.output, exist_ok=True)  # only once there is a model to write with
     names = model.config.label_names
     status, summary = 0, []
     for path, (png, over) in outputs.items():
