@@ -265,7 +265,7 @@ def load_image(path: Union[str, os.PathLike, bytes], mode: str = "RGB", exif_tra
     JPEG at least twice that size in both sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT
     domain (Pillow's `draft`), never below that size: several times faster on large photos, but
     not bit-equal to a full decode followed by the same resize (`--decode fast`). Other formats,
-    and JPEGs under twice the size, decode exactly as without it.
+    JPEGs under twice the size, and exif_transpose=True decode exactly as without it.
     """
     import io
 
@@ -279,7 +279,7 @@ def load_image(path: Union[str, os.PathLike, bytes], mode: str = "RGB", exif_tra
             warnings.filterwarnings("ignore", message="Palette images with Transparency")
             with Image.open(src) as img:
                 drafted = None
-                if resized_size is not None and img.format == "JPEG":
+                if resized_size is not None and img.format == "JPEG" and not exif_transpose:  # (a turn would swap the box)
                     full = img.size
                     drafted = img.draft(img.mode, resized_size(*full))
                     drafted = (full, drafted[1]) if drafted and img.size != full else None
