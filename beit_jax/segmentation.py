@@ -434,20 +434,43 @@ def crop_boxes(h: int, w: int, crop: int, stride: int) -> Sequence[Tuple[int, in
     return boxes
 
 
+def device_runner(model, variables, parallel: str = "sharded"):
+    """`run(crops)`: (n, S, S, 3) normalised crops -> (n, S/4, S/4, classes) float32 logits over
+    every device of this process (`parallel.DataParallel`; n is padded to a multiple of the device
+    count and the pad dropped). Pass it to segment / segment_logits as `runner`."""
+    from .parallel import DataParallel
+
+    dp = DataParallel(parallel)
+    if dp.process_count > 1:
+        raise ValueError("segmentation runs in one process (on all of its devices), not under jax.distributed")
+    step = dp.inference_step(lambda v, x: model.apply(v, x).astype(jnp.float32))
+    params = dp.replicate(variables)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        n, pad = len(x), (-len(x)) % dp.num_devices
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        return np.asarray(dp.fetch(step(params, dp.put_batch(x))))[:n]
+
+    run.num_devices = dp.num_devices
+    return run
+
+
 def segment_logits(model, variables, image, mode: str = "whole", stride: Optional[int] = None, flip: bool = False,
-                   mean=SEG_MEAN, std=SEG_STD, batch_size: int = 8) -> np.ndarray:
+                   mean=SEG_MEAN, std=SEG_STD, batch_size: int = 8, runner=None) -> np.ndarray:
     """(H, W, classes) float32 logits for one image (a PIL image or an (H, W, 3) uint8 array) at its
-    own size, by `mode` (see the module docstring)."""
+    own size, by `mode` (see the module docstring). runner: how batches of crops run (default: one
+    jitted call on the default device; `device_runner(...)` for every device)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     img = img.convert("RGB")
     size = model.config.image_size
-    fn = _logits_fn(model)
+    run = runner or (lambda x: np.asarray(_logits_fn(model)(variables, x)))
     if mode == "whole":
         x = normalize(np.asarray(img.resize((size, size), Image.BILINEAR)), mean, std)[None]
         xs = np.concatenate([x, x[:, :, ::-1]]) if flip else x
-        out = np.asarray(fn(variables, xs))
+        out = run(xs)
         logits = out[0] + (out[1][:, ::-1] if flip else 0)
         return _upsample(logits, (img.height, img.width))
     stride = stride or max(1, (2 * size) // 3)
@@ -466,7 +489,7 @@ def segment_logits(model, variables, image, mode: str = "whole", stride: Optiona
     crops = np.stack(crops)
     if flip:
         crops = np.concatenate([crops, crops[:, :, ::-1]])
-    outs = np.concatenate([np.asarray(fn(variables, crops[i:i + batch_size])) for i in range(0, len(crops), batch_size)])
+    outs = np.concatenate([run(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)])
     k = outs.shape[-1]
     total, count = np.zeros((h, w, k), np.float32), np.zeros((h, w, 1), np.float32)
     for n, (y1, x1, y2, x2) in enumerate(boxes):
@@ -502,5 +525,5 @@ def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
 
 
 __all__ = ["BeitSegmenter", "SegConfig", "create_segmentation_model", "list_segmentation_models", "from_hf_state_dict",
-           "to_hf_state_dict", "read_hf_folder", "save_hf_folder", "MODES", "crop_boxes", "label_png", "overlay",
-           "palette", "segment", "segment_logits"]
+           "to_hf_state_dict", "read_hf_folder", "save_hf_folder", "MODES", "crop_boxes", "device_runner", "label_png",
+           "overlay", "palette", "segment", "segment_logits"]

@@ -281,3 +281,14 @@ def test_segment_cli_writes_palette_pngs_and_overlays_of_real_photos(seg_folder,
 
     again = cli("segment", imgs[0], "--output", out, "--model", seg_folder)
     assert again.returncode == 2 and "already exists" in again.stderr and "nothing is overwritten" in again.stderr
+
+    # every device: 8 CPU devices in a fresh process (the count is fixed before JAX starts) give the same maps
+    from tests.support import run_cli
+
+    eight = run_cli("segment", *imgs, "--output", tmp_path / "eight", "--model", seg_folder, "--flip", "--batch-size", "3",
+                    devices=8)
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    assert "3 images segmented on 8 devices" in eight.stdout
+    for p in imgs:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "eight" / f"{p.stem}.png")),
+                              np.asarray(Image.open(out / f"{p.stem}.png"))), p.name

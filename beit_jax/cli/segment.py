@@ -27,7 +27,8 @@ def register(sub) -> None:
                    help="slide: pixels between crops (default: 2/3 of the crop, 426 for 640)")
     p.add_argument("--flip", action="store_true", help="add the mirrored image's logits (mmseg's flip test)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="crops per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="crops per forward, spread over every device (default: %(default)s)")
     add_dtype_option(p, machine_default=True)
     p.set_defaults(run=run)
 
@@ -55,7 +56,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..parallel import inference_defaults
-    from ..segmentation import create_segmentation_model, label_png, overlay, segment
+    from ..segmentation import create_segmentation_model, device_runner, label_png, overlay, segment
     from ..transforms import ImageLoadError, load_image
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -65,6 +66,7 @@ def run(args) -> int:
     dtype = jnp.bfloat16 if defaults.dtype == "bfloat16" else jnp.float32
     model, variables = create_segmentation_model(args.model, pretrained=not args.random_weights, dtype=dtype)
     os.makedirs(args.output, exist_ok=True)  # only once there is a model to write with
+    runner = device_runner(model, variables)  # every device of this machine
     names = model.config.label_names
     status, summary = 0, []
     for path, (png, over) in outputs.items():
@@ -75,7 +77,7 @@ def run(args) -> int:
             status = 1
             continue
         labels = segment(model, variables, img, mode=args.mode, stride=args.stride, flip=args.flip,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, runner=runner)
         label_png(labels).save(png)
         overlay(img, labels, args.alpha).save(over, quality=90)
         values, sizes = np.unique(labels, return_counts=True)
@@ -86,7 +88,9 @@ def run(args) -> int:
                                          "fraction": counts[c] / labels.size} for c in top]})
         shares = ", ".join(f"{t['label']} {t['fraction']:.0%}" for t in summary[-1]["top_classes"])
         print(f"{path}: {png} ({shares})")
+    print(f"{len(summary)} images segmented on {runner.num_devices} devices ({defaults.dtype}), {args.mode}"
+          f"{' + flip' if args.flip else ''}")
     with open(os.path.join(args.output, "segment.json"), "w") as f:
         json.dump({"model": args.model, "mode": args.mode, "stride": args.stride, "flip": args.flip,
-                   "dtype": defaults.dtype, "images": summary}, f, indent=2)
+                   "dtype": defaults.dtype, "devices": runner.num_devices, "images": summary}, f, indent=2)
     return status
