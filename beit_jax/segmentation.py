@@ -295,19 +295,15 @@ def create_segmentation_model(name_or_path: str, pretrained: bool = False, *, nu
             hf_cfg, sd, where = read_hf_folder(_download(SEGMENTATION_MODELS[path][0]))
         else:
             hf_cfg, sd, where = SEGMENTATION_MODELS[path][1].to_hf(), None, path
-        cfg = SegConfig.from_hf(hf_cfg, where=os.path.join(path, "config.json") if os.path.isdir(path) else path)
-        cfg = _override(cfg, num_classes, img_size, overrides)
+        published = SegConfig.from_hf(hf_cfg, where=os.path.join(path, "config.json") if os.path.isdir(path) else path)
+        cfg = _override(published, num_classes, img_size, overrides)
         model = BeitSegmenter(cfg, dtype=dtype)
         if sd is None:
             return model, init_segmenter(model, rng)
-        if cfg.num_labels != SegConfig.from_hf(hf_cfg).num_labels:
-            warnings.warn(f"{where}: its heads have {SegConfig.from_hf(hf_cfg).num_labels} classes; num_classes="
-                          f"{cfg.num_labels} starts the decode and auxiliary classifiers fresh", UserWarning,
-                          stacklevel=2)
-            sd = {k: v for k, v in sd.items() if not re.match(r"^(decode_head|auxiliary_head)\.classifier\.", k)}
-            fresh = init_segmenter(model, rng)
-            loaded = _from_hf_allowing_classifiers(sd, model, where, fresh)
-            return model, loaded
+        if cfg.num_labels != published.num_labels:
+            warnings.warn(f"{where}: its heads have {published.num_labels} classes; num_classes={cfg.num_labels} "
+                          f"starts the decode and auxiliary classifiers fresh", UserWarning, stacklevel=2)
+            sd = dict(sd, **_fresh_classifiers(model, rng))
         return model, from_hf_state_dict(sd, model, where)
     arch, _ = split_model_name(path)
     if arch not in ARCHITECTURES:
@@ -330,15 +326,10 @@ def _override(cfg: SegConfig, num_classes, img_size, overrides) -> SegConfig:
     return dataclasses.replace(cfg, **kw)
 
 
-def _from_hf_allowing_classifiers(sd, model, where, fresh):
-    """Load all but the two classifiers, which keep their fresh values."""
-    flat_fresh = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(fresh)))
-    for head in ("decode_head", "auxiliary_head"):
-        if (("params", head, "classifier", "kernel")) in flat_fresh:
-            k = flat_fresh[("params", head, "classifier", "kernel")]
-            sd[f"{head}.classifier.weight"] = k.transpose(3, 2, 0, 1)
-            sd[f"{head}.classifier.bias"] = flat_fresh[("params", head, "classifier", "bias")]
-    return from_hf_state_dict(sd, model, where)
+def _fresh_classifiers(model: BeitSegmenter, rng) -> Dict[str, np.ndarray]:
+    """The two classifiers of a fresh init, as the state dict entries that replace a checkpoint's."""
+    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(init_segmenter(model, rng)["params"])))
+    return {_hf_key("params", p): _hf_value(p, v) for p, v in flat.items() if p[1:2] == ("classifier",)}
 
 
 def _from_timm_backbone(name, pretrained, checkpoint_path, num_classes, img_size, dtype, rng, overrides, kwargs):
