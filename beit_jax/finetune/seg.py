@@ -158,8 +158,9 @@ def poly_schedule(cfg: SegTrainConfig) -> optax.Schedule:
         regular = (cfg.lr - cfg.min_lr) * (1.0 - t / cfg.total_steps) ** cfg.power + cfg.min_lr
         if cfg.warmup_steps == 0:
             return regular
-        k = (1.0 - t / cfg.warmup_steps) * (1.0 - cfg.warmup_ratio)
-        return jnp.where(t < cfg.warmup_steps, regular * (1.0 - k), regular)
+        # 1 - (1 - t / W)(1 - ratio), written so float32 keeps the ratio exact at t = 0
+        warm = cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * t / cfg.warmup_steps
+        return jnp.where(t < cfg.warmup_steps, regular * warm, regular)
 
     return schedule
 
