@@ -104,6 +104,10 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
                          f"create the model with num_classes={len(classes)}")
     if batch_size % jax.device_count():
         raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
+    if cfg.mixing and cfg.mixup_mode != "batch" and batch_size % 2:
+        raise ValueError(f"mixup_mode={cfg.mixup_mode!r} needs an even global batch (timm's Mixup asserts it: rows "
+                         f"i and B-1-i are mixed), got batch size {batch_size}: pass an even `batch_size`, or "
+                         f"`mixup_mode=batch`")
     if main:
         os.makedirs(output_dir, exist_ok=True)
     refusal = _check_output(output_dir, resume) if main else ""
@@ -176,7 +180,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
                 print(f"warning: training image skipped (weight 0): {reason}", file=sys.stderr, flush=True)
             failed += len(b.errors)
             boxes = np.stack([train_tf.erase_box(int(s)) for s in b.seeds]) if cfg.reprob > 0 else None
-            mix = mix_arrays(*mixer.params(batch_mix_rng(cfg.seed, step), *image_shape[:2])) if mixer else None
+            mix = mix_arrays(*mixer.draw(batch_mix_rng(cfg.seed, step), batch_size, *image_shape[:2])) if mixer else None
             state, m = trainer.step(state, b.images, b.labels, b.weights, boxes, b.seeds, mix)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
