@@ -1,4 +1,4 @@
-"""The `beit-jax` command: classify | extract | segment | convert | finetune | bench.
+"""The `beit-jax` command: classify | extract | segment | convert | finetune | push | bench.
 
 One command layer: each sub-command is a module here with `register(subparsers)` (its flags, built
 from the shared helpers in `options.py`) and a `run(args)`. Errors a user can act on print one
@@ -11,10 +11,10 @@ import sys
 import warnings
 from typing import List, Optional
 
-from . import bench, classify, convert, extract, finetune, segment
+from . import bench, classify, convert, extract, finetune, push, segment
 from .options import report_errors, to_cli
 
-COMMANDS = (classify, extract, segment, convert, finetune, bench)
+COMMANDS = (classify, extract, segment, convert, finetune, push, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
