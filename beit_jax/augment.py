@@ -294,20 +294,31 @@ def erase(x, boxes, noise, mode: str = "pixel", xp=np):
     return xp.where(inside[..., None], fill.astype(x.dtype), x)
 
 
-# ---- mixup / cutmix (per batch, timm's default mode) ---------------------------------------------
+# ---- mixup / cutmix (timm's 'batch', 'pair' and 'elem' modes) -----------------------------------
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
 @dataclasses.dataclass(frozen=True)
 class Mixup:
-    """timm.data.Mixup in 'batch' mode: one lambda (and cutmix box) per batch; row i is mixed
-    with row B-1-i; targets are label-smoothed one-hots mixed with the same lambda."""
+    """timm.data.Mixup: row i is mixed with row B-1-i; targets are label-smoothed one-hots mixed
+    with the row's lambda.
+
+    mode 'batch' (timm's default): one lambda (and cutmix box) for the whole batch (`params`).
+    'elem': a lambda, a mixup-or-cutmix choice and a box per row; 'pair': per pair of rows
+    (i, B-1-i), which trade the same box / blend with the same lambda (`params_per_row`: arrays of
+    length B). 'pair' and 'elem' need an even batch, as timm asserts."""
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
     prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    mode: str = "batch"
 
     def __post_init__(self):
         if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
             raise ValueError("Mixup needs mixup_alpha > 0 or cutmix_alpha > 0")
+        if self.mode not in MIXUP_MODES:
+            raise ValueError(f"mixup_mode={self.mode!r}: one of {', '.join(MIXUP_MODES)}")
 
     def params(self, rng, height: int, width: int) -> Tuple[float, bool, Tuple[int, int, int, int]]:
         """(lam, use_cutmix, (yl, yh, xl, xh)) for one batch; lam = 1 means no mixing. With cutmix,
@@ -331,10 +342,54 @@ class Mixup:
         return lam, False, (0, 0, 0, 0)
 
 
+    def params_per_row(self, rng, batch_size: int, height: int, width: int
+                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """'pair' / 'elem' mode: (lam (B,) float32, use_cutmix (B,) bool, boxes (B, 4) int32 of
+        (yl, yh, xl, xh)) for a batch of `batch_size`, drawn as timm's _params_per_elem and
+        _mix_elem / _mix_pair draw them (per-row float32 lambdas, each cutmix row's box in row
+        order, lam corrected to its clipped box). A row with lam 1 is left as it is (its box is
+        empty); in 'pair' mode row B-1-i takes row i's lam, choice and box."""
+        if self.mode not in ("pair", "elem"):
+            raise ValueError(f"params_per_row is for mixup_mode 'pair' or 'elem' (this Mixup's is {self.mode!r}: "
+                             f"use params)")
+        if batch_size % 2:
+            raise ValueError(f"mixup_mode={self.mode!r} needs an even batch size (timm's Mixup asserts it), got "
+                             f"batch size {batch_size}: use an even `batch_size`, or mixup_mode='batch'")
+        n = batch_size // 2 if self.mode == "pair" else batch_size
+        lam = np.ones(n, np.float32)
+        use_cutmix = np.zeros(n, bool)
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            use_cutmix = np.asarray(rng.random(n)) < self.switch_prob
+            lam_cut = np.asarray(rng.beta(self.cutmix_alpha, self.cutmix_alpha, n))  # timm's np.where draws both
+            lam_mix = np.where(use_cutmix, lam_cut, np.asarray(rng.beta(self.mixup_alpha, self.mixup_alpha, n)))
+        elif self.mixup_alpha > 0:
+            lam_mix = np.asarray(rng.beta(self.mixup_alpha, self.mixup_alpha, n))
+        else:
+            use_cutmix = np.ones(n, bool)
+            lam_mix = np.asarray(rng.beta(self.cutmix_alpha, self.cutmix_alpha, n))
+        lam = np.where(np.asarray(rng.random(n)) < self.prob, lam_mix.astype(np.float32), lam)
+        boxes = np.zeros((n, 4), np.int32)
+        for i in range(n):
+            if lam[i] == 1.0:
+                use_cutmix[i] = False  # unmixed (timm skips the row)
+            elif use_cutmix[i]:
+                boxes[i], lam[i] = cutmix_box(rng, height, width, lam[i])  # lam[i]: float32, as timm's
+        if self.mode == "pair":
+            lam, use_cutmix, boxes = (np.concatenate([a, a[::-1]]) for a in (lam, use_cutmix, boxes))
+        return lam, use_cutmix, boxes
+
+    def draw(self, rng, batch_size: int, height: int, width: int):
+        """This mode's parameters for one batch: `params` ('batch': scalars) or `params_per_row`."""
+        if self.mode == "batch":
+            return self.params(rng, height, width)
+        return self.params_per_row(rng, batch_size, height, width)
+
+
 def cutmix_box(rng, height: int, width: int, lam: float) -> Tuple[Tuple[int, int, int, int], float]:
     """timm's rand_bbox + lambda correction: a box of side sqrt(1 - lam) around a uniform centre,
-    clipped to the image; returns ((yl, yh, xl, xh), 1 - box area / image area)."""
-    ratio = math.sqrt(1 - lam)
+    clipped to the image; returns ((yl, yh, xl, xh), 1 - box area / image area). The side is
+    computed in lam's precision, as timm does (float64 for 'batch', float32 per row)."""
+    ratio = np.sqrt(1 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy = int(rng.integers(0, height))
     cx = int(rng.integers(0, width))
@@ -346,7 +401,10 @@ def cutmix_box(rng, height: int, width: int, lam: float) -> Tuple[Tuple[int, int
 def mix_images(x, lam, use_cutmix, box, xp=np):
     """timm's Mixup._mix_batch on an NHWC batch: cutmix pastes box (yl, yh, xl, xh) of the
     reversed batch; mixup blends x * lam + reversed * (1 - lam). lam, use_cutmix and box may be
-    traced scalars (one program for every batch)."""
+    traced scalars (one program for every batch). Per-row parameters (lam (B,), use_cutmix (B,),
+    box (B, 4): 'pair' / 'elem' mode) mix each row with its own (timm's _mix_elem / _mix_pair)."""
+    if np.ndim(lam) == 1:
+        return _mix_rows(x, lam, use_cutmix, box, xp)
     flipped = x[::-1]
     _, height, width, _ = x.shape
     rows = xp.arange(height)[:, None]
@@ -360,10 +418,27 @@ def mix_images(x, lam, use_cutmix, box, xp=np):
 
 def mixup_targets(labels, num_classes: int, lam, smoothing: float = 0.1, xp=np):
     """timm's mixup_target: smoothed one-hots (off = smoothing / K, on = 1 - smoothing + off)
-    mixed with the reversed batch's: y * lam + y[::-1] * (1 - lam). float32 (B, K)."""
+    mixed with the reversed batch's: y * lam + y[::-1] * (1 - lam). float32 (B, K). lam: a
+    scalar, or one per row ((B,): 'pair' / 'elem' mode)."""
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
     hot = labels[:, None] == xp.arange(num_classes)[None, :]
     y = xp.where(hot, xp.asarray(on, xp.float32), xp.asarray(off, xp.float32))
     lam = xp.asarray(lam, xp.float32)
+    if lam.ndim == 1:  # a lambda per row ('pair' / 'elem'): timm's lam tensor of shape (B, 1)
+        lam = lam[:, None]
     return y * lam + y[::-1] * (xp.asarray(1, xp.float32) - lam)
+
+
+def _mix_rows(x, lam, use_cutmix, boxes, xp=np):
+    """mix_images with a lambda, a cutmix choice and a box per row."""
+    flipped = x[::-1]
+    _, height, width, _ = x.shape
+    rows = xp.arange(height)[None, :, None]
+    cols = xp.arange(width)[None, None, :]
+    yl, yh, xl, xh = (boxes[:, i][:, None, None] for i in range(4))
+    inside = (rows >= yl) & (rows < yh) & (cols >= xl) & (cols < xh)
+    lam = xp.asarray(lam, x.dtype)[:, None, None, None]
+    cut = xp.where(inside[..., None], flipped, x)
+    blend = x * lam + flipped * (xp.asarray(1, x.dtype) - lam)  # lam 1: x itself
+    return xp.where(use_cutmix[:, None, None, None], cut, blend)

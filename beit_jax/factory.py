@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints, hub
+from . import checkpoints, hub, publish
 from .layers import trunc_normal
 from .mapping import Source, fit_params
 from .models import get_pretrained_cfg, split_model_name
@@ -88,6 +88,11 @@ def create_model(
 ):
     """Build a BEiT and its variables: `(module, variables)`.
 
+    name: a registered 'arch' or 'arch.tag', or a timm Hub folder ('local-dir:PATH', or PATH itself
+    when it is a folder with a config.json: what `finetune.train` writes to OUTPUT/hub, or timm's
+    save_for_hf): its config.json gives the architecture, head, size, pooling and data config, its
+    model.safetensors the weights.
+
     pretrained=True downloads the tag's timm `model.safetensors` from the Hugging Face Hub (its
     cache and HF_HUB_OFFLINE apply); checkpoint_path loads a local .safetensors/.pth/.bin timm
     state dict, or a beit-jax .msgpack export (its architecture must match `name`). The head is the
@@ -95,6 +100,16 @@ def create_model(
     (seeded by rng) with a warning, 0 drops it. Weights are resized for another img_size. kwargs
     override module fields (depth=2, attn_impl=...).
     """
+    folder = publish.hub_folder(name)
+    if folder is not None:  # a timm Hub folder: its config.json decides, what is passed here wins
+        if checkpoint_path is not None:
+            raise ValueError(f"{name} is a model folder with its own weights: leave `checkpoint_path` unset")
+        name, saved, checkpoint_path = publish.read_hub_folder(folder)
+        own = {k: saved.pop(k, None) for k in ("num_classes", "img_size", "global_pool")}
+        num_classes = own["num_classes"] if num_classes is None else num_classes
+        img_size = own["img_size"] if img_size is None else img_size
+        global_pool = own["global_pool"] if global_pool is None else global_pool
+        kwargs = {**saved, **kwargs}
     build = dict(img_size=img_size, global_pool=global_pool, drop_path_rate=drop_path_rate, dtype=dtype,
                  param_dtype=param_dtype, **kwargs)
     if checkpoint_path is None and not pretrained:

@@ -42,11 +42,11 @@ class TimmPythonRandom:
 class TimmNumpyRandom:
     """A Generator-like view of np.random's global stream (timm.data.Mixup draws from it)."""
 
-    def random(self):
-        return np.random.rand()
+    def random(self, size=None):
+        return np.random.rand() if size is None else np.random.rand(size)
 
-    def beta(self, a, b):
-        return np.random.beta(a, b)
+    def beta(self, a, b, size=None):
+        return np.random.beta(a, b, size=size)
 
     def integers(self, lo, hi):
         return np.random.randint(lo, hi)
@@ -199,6 +199,74 @@ def test_mixup_cutmix_equal_timms_mixed_batch_and_targets():
             np.testing.assert_allclose(np.asarray(gy), ey.numpy(), atol=1e-6, rtol=1e-6)
             seen.add("none" if lam == 1.0 else "cutmix" if use_cutmix else "mixup")
     assert seen == {"none", "cutmix", "mixup"}
+
+
+@pytest.fixture(scope="module")
+def photo_batch(imagenet_dir):
+    """Six real photos, 24x32, normalized as the train step does (NCHW for timm)."""
+    from beit_jax.transforms import normalize
+
+    imgs = [np.asarray(beit_jax.load_image(p).resize((32, 24), Image.BICUBIC)) for p in sorted(imagenet_dir.iterdir())[:6]]
+    return np.asarray(normalize(np.stack(imgs), (0.5,) * 3, (0.5,) * 3)).transpose(0, 3, 1, 2).copy()
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize("alphas", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0)])
+def test_mixup_modes_equal_timms_on_real_images(mode, alphas, photo_batch):
+    """timm.data.Mixup(mode=...) vs Mixup.draw + mix_images/mixup_targets under jit, fed timm's
+    np.random stream: per-row float32 lambdas, each cutmix row's own box, lam corrected per row."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from timm.data import Mixup as TimmMixup
+
+    x = photo_batch
+    b, _, h, w = x.shape
+    k = 10
+    labels = np.asarray([3, 1, 4, 1, 5, 9], np.int64)
+    mix = jax.jit(lambda x, y, lam, cut, box: (augment.mix_images(x, lam, cut, box, jnp),
+                                                augment.mixup_targets(y, k, lam, 0.1, jnp)))
+    seen = set()
+    for prob in (1.0, 0.6):
+        timm_mix = TimmMixup(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], prob=prob, mode=mode,
+                             label_smoothing=0.1, num_classes=k)
+        ours = augment.Mixup(*alphas, prob=prob, label_smoothing=0.1, mode=mode)
+        for seed in range(6):
+            np.random.seed(seed)
+            ex, ey = timm_mix(torch.from_numpy(x.copy()), torch.from_numpy(labels))
+            timm_next = np.random.rand()
+            np.random.seed(seed)
+            lam, use_cutmix, box = ours.draw(TimmNumpyRandom(), b, h, w)
+            assert np.random.rand() == timm_next  # the same number of draws as timm, not only the same values
+            gx, gy = mix(x.transpose(0, 2, 3, 1), labels.astype(np.int32), np.asarray(lam, np.float32),
+                         np.asarray(use_cutmix), np.asarray(box, np.int32))
+            np.testing.assert_allclose(np.asarray(gx), ex.numpy().transpose(0, 2, 3, 1), atol=1e-6, rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(gy), ey.numpy(), atol=1e-6, rtol=1e-6)
+            for row_lam, row_cut in zip(np.atleast_1d(lam), np.atleast_1d(use_cutmix)):
+                seen.add("none" if row_lam == 1.0 else "cutmix" if row_cut else "mixup")
+            if mode != "batch":
+                assert np.shape(lam) == (b,) and np.shape(box) == (b, 4)
+                if mode == "pair":  # rows i and B-1-i share everything
+                    for a in (lam, use_cutmix, box):
+                        np.testing.assert_array_equal(a, a[::-1])
+    want = {"none"} | ({"mixup"} if alphas[0] else set()) | ({"cutmix"} if alphas[1] else set())
+    assert seen == want
+    if mode != "batch":
+        assert len(set(np.asarray(lam).tolist())) > 1  # per-row draws, not one lambda repeated
+
+
+@pytest.mark.parametrize("mode", ["pair", "elem"])
+def test_mixup_pair_and_elem_refuse_an_odd_batch_as_timm_does(mode, photo_batch):
+    import torch
+    from timm.data import Mixup as TimmMixup
+
+    x = photo_batch[:5]
+    with pytest.raises(AssertionError, match="even"):
+        TimmMixup(mode=mode, num_classes=10)(torch.from_numpy(x.copy()), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=f"mixup_mode='{mode}' needs an even batch size.*got batch size 5"):
+        augment.Mixup(mode=mode).draw(np.random.default_rng(0), 5, 24, 32)
+    with pytest.raises(ValueError, match="mixup_mode='row': one of batch, pair, elem"):
+        augment.Mixup(mode="row")
 
 
 def test_train_transform_is_seeded_per_sample(photo):

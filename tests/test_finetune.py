@@ -369,3 +369,45 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tiny_digit
     assert all(np.isfinite(v).all() for v in flat)  # the kept checkpoint is a good one
     res = _finetune("--train", train, "--output", tmp_path / "nan", "--steps", "2", "--lr", "nan")
     assert res.returncode == 2 and "lr=nan" in res.stderr
+
+
+def test_elem_mixup_reaches_the_step_resumes_with_the_same_draws_and_refuses_an_odd_batch(tiny_digits, tmp_path,
+                                                                                          monkeypatch):
+    """--mixup-mode elem: per-row lambdas and boxes over the global batch, drawn on the host from
+    (seed, step) alone, so a resumed run mixes its steps as a straight run does (the resume
+    machinery itself: test_killed_and_resumed_run_continues_the_same_curve); an odd batch is refused
+    before anything is written. (augment's tests check the per-row mixing against timm's.)"""
+    from beit_jax.finetune import steps
+
+    train, _ = tiny_digits
+    seen = []
+    step = steps.Trainer.step
+    monkeypatch.setattr(steps.Trainer, "step", lambda self, *a: seen.append(jax.device_get(a[-1])) or step(self, *a))
+    mixing = ["--train", train, "--steps", "2", "--mixup", "0.8", "--cutmix", "1.0", "--checkpoint-every", "1",
+              "--seed", "3", "--output", tmp_path / "run"]
+    part = _finetune(*mixing, "--mixup-mode", "elem", "--max-steps", "1")
+    assert part.returncode == 0, part.stderr
+    resumed = _finetune(*mixing, "--mixup-mode", "elem", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(seen) == 2 and (tmp_path / "run" / "model.msgpack").exists()
+    mixer = finetune.TrainConfig(mixup=0.8, cutmix=1.0, mixup_mode="elem").mixer()
+    for s, mix in enumerate(seen):  # what a straight run draws at step s
+        want = finetune.mix_arrays(*mixer.draw(finetune.batch_mix_rng(3, s), 8, 32, 32))
+        assert mix["lam"].shape == (8,) and mix["box"].shape == (8, 4)
+        for k in want:
+            np.testing.assert_array_equal(mix[k], want[k])
+    lam = np.concatenate([m["lam"] for m in seen])
+    cut = np.concatenate([m["cutmix"] for m in seen])
+    assert len(set(lam.tolist())) > 8 and 0 < cut.sum() < len(cut)  # rows drew their own lambda and mode
+    odd = cli("finetune", "--model", TINY, "--random-weights", "--img-size", "32", "--batch-size", "7",
+              "--no-progress", *mixing[:-1], tmp_path / "odd", "--mixup-mode", "pair")
+    assert odd.returncode == 2
+    assert "mixup_mode='pair' needs an even global batch" in odd.stderr and "got batch size 7" in odd.stderr
+    assert "pass an even --batch-size, or --mixup-mode batch" in odd.stderr
+    assert not (tmp_path / "odd").exists()  # refused before anything was written
+    from beit_jax.finetune.state import _settings_mismatch
+    saved = finetune.loop._settings(finetune.TrainConfig(mixup=0.8), 8)
+    older = {k: v for k, v in saved.items() if k != "mixup_mode"}  # a checkpoint from before mixup_mode
+    assert _settings_mismatch("ckpt", older, saved) == ""  # it ran in batch mode and resumes so
+    elem = finetune.loop._settings(finetune.TrainConfig(mixup=0.8, mixup_mode="elem"), 8)
+    assert "mixup_mode: checkpoint 'batch', now 'elem'" in _settings_mismatch("ckpt", older, elem)

@@ -1,4 +1,4 @@
-"""The `beit-jax` command: classify | extract | segment | convert | finetune | finetune-seg | bench.
+"""The `beit-jax` command: classify | extract | segment | convert | finetune | finetune-seg | push | bench.
 
 One command layer: each sub-command is a module here with `register(subparsers)` (its flags, built
 from the shared helpers in `options.py`) and a `run(args)`. Errors a user can act on print one
@@ -11,10 +11,10 @@ import sys
 import warnings
 from typing import List, Optional
 
-from . import bench, classify, convert, extract, finetune, finetune_seg, segment
+from . import bench, classify, convert, extract, finetune, finetune_seg, push, segment
 from .options import report_errors, to_cli
 
-COMMANDS = (classify, extract, segment, convert, finetune, finetune_seg, bench)
+COMMANDS = (classify, extract, segment, convert, finetune, finetune_seg, push, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

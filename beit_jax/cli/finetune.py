@@ -23,7 +23,8 @@ def register(sub) -> None:
                     "of BEiT's published settings for the model's size (--recipe beit).\n\n"
                     "Writes OUTPUT/checkpoint.msgpack (resumable), OUTPUT/metrics.jsonl and, when done,\n"
                     "OUTPUT/model.msgpack + model.json (for create_model(..., checkpoint_path=) and\n"
-                    "beit_jax.conversion.flax_to_timm).\n\n"
+                    "beit_jax.conversion.flax_to_timm) and OUTPUT/hub/ (timm's Hugging Face Hub layout:\n"
+                    "timm.create_model('local-dir:OUTPUT/hub', pretrained=True); `beit-jax push` uploads it).\n\n"
                     "Multi-host: start the same command on every host with --distributed (or --coordinator,\n"
                     "--num-processes, --process-id); --batch-size is the global batch, process 0 writes OUTPUT.")
     p.add_argument("--train", required=True, help="training ImageFolder")

@@ -16,11 +16,13 @@ def user_errors() -> tuple:
     from ..finetune import TrainingDivergedError
     from ..hub import PretrainedUnavailableError
     from ..mapping import CheckpointMismatchError
+    from ..publish import PushError
     from ..sinks import CorruptOutputError, OutputMismatchError
     from ..storage import OutputLockedError, StorageFullError
 
     return (PretrainedUnavailableError, CheckpointMismatchError, OutputMismatchError, CorruptOutputError,
-            AllInputsFailedError, TrainingDivergedError, OutputLockedError, StorageFullError, ValueError, FileNotFoundError,
+            AllInputsFailedError, TrainingDivergedError, OutputLockedError, StorageFullError, PushError, ValueError,
+            FileNotFoundError,
             FileExistsError, NotADirectoryError, PermissionError, ImportError)
 
 

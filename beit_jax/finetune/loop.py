@@ -17,6 +17,7 @@ from .. import parallel as par
 from .._io import atomic_write
 from ..checkpoints import save_flax_checkpoint
 from ..data import Decoder, list_image_folder, stream_batches
+from ..publish import save_hub_folder
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
 from .order import batch_mix_rng, eval_slots, train_batches
@@ -77,7 +78,8 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
           eval_every: Optional[int] = None, progress: bool = True, log: Callable = print) -> Dict[str, Any]:
     """Fine-tune `model` on an ImageFolder with a global batch of `batch_size` over every device of
     every process. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
-    metrics.jsonl} (and model_ema.msgpack with an EMA) from process 0 only; returns the final
+    metrics.jsonl} (and model_ema.msgpack with an EMA) and output_dir/hub/ (timm's Hub layout:
+    config.json, model.safetensors, README.md; see beit_jax.publish) from process 0 only; returns the final
     metrics. max_steps stops early (as a crash would; resume=True continues: process 0 reads the
     checkpoint and hands it to the others). The export loads with create_model(..., checkpoint_path=).
 
@@ -87,7 +89,7 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
     run = _open_run(model, variables, train_dir, output_dir, batch_size, cfg or TrainConfig(), resume, log)
     state, last = _loop(run, model, val_dir, workers, checkpoint_every, max_steps, eval_every, progress)
     if int(state.step) >= run.cfg.total_steps and run.main:
-        _export(run, model, state)
+        _export(run, model, state, last)
     par.sync("beit_jax.finetune.done")
     return last
 
@@ -104,6 +106,10 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
                          f"create the model with num_classes={len(classes)}")
     if batch_size % jax.device_count():
         raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
+    if cfg.mixing and cfg.mixup_mode != "batch" and batch_size % 2:
+        raise ValueError(f"mixup_mode={cfg.mixup_mode!r} needs an even global batch (timm's Mixup asserts it: rows "
+                         f"i and B-1-i are mixed), got batch size {batch_size}: pass an even `batch_size`, or "
+                         f"`mixup_mode=batch`")
     if main:
         os.makedirs(output_dir, exist_ok=True)
     refusal = _check_output(output_dir, resume) if main else ""
@@ -176,7 +182,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
                 print(f"warning: training image skipped (weight 0): {reason}", file=sys.stderr, flush=True)
             failed += len(b.errors)
             boxes = np.stack([train_tf.erase_box(int(s)) for s in b.seeds]) if cfg.reprob > 0 else None
-            mix = mix_arrays(*mixer.params(batch_mix_rng(cfg.seed, step), *image_shape[:2])) if mixer else None
+            mix = mix_arrays(*mixer.draw(batch_mix_rng(cfg.seed, step), batch_size, *image_shape[:2])) if mixer else None
             state, m = trainer.step(state, b.images, b.labels, b.weights, boxes, b.seeds, mix)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
@@ -208,13 +214,29 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
     return state, last
 
 
-def _export(run: _Run, model, state) -> None:
-    """The trained weights for create_model / flax_to_timm (and the EMA's), and the class names."""
+def _export(run: _Run, model, state, last: Dict[str, Any]) -> None:
+    """The trained weights for create_model / flax_to_timm (and the EMA's), the class names, and
+    hub/: timm's Hugging Face Hub folder (the EMA's weights when an EMA was kept, as timm's
+    train.py evaluates and keeps the EMA then; model.msgpack keeps the raw weights)."""
     host = jax.device_get(state)
     save_flax_checkpoint({"params": host.params}, model, os.path.join(run.output_dir, "model.msgpack"))
-    if run.cfg.model_ema_decay is not None:
+    ema = run.cfg.model_ema_decay is not None
+    if ema:
         save_flax_checkpoint({"params": host.ema_params}, model, os.path.join(run.output_dir, "model_ema.msgpack"))
     atomic_write(os.path.join(run.output_dir, "classes.json"), json.dumps(run.classes))
+    cfg = run.cfg
+    weights = (f"the EMA of the fine-tuned weights (decay {cfg.model_ema_decay} per optimizer step), as timm's "
+               f"train.py evaluates and keeps the EMA when one is on; the raw final weights are the run's "
+               f"model.msgpack" if ema else f"the final fine-tuned weights (step {int(host.step)})")
+    notes = [f"**Training:** {cfg.total_steps} steps at global batch {run.batch_size}, lr {cfg.lr:g}, layer decay "
+             f"{cfg.layer_decay}, weight decay {cfg.weight_decay}, label smoothing {cfg.label_smoothing}"
+             + (f", RandAugment {cfg.aa}" if cfg.aa else "") + (f", random erasing {cfg.reprob}" if cfg.reprob else "")
+             + (f", mixup {cfg.mixup} / cutmix {cfg.cutmix} ({cfg.mixup_mode} mode)" if cfg.mixing else "")]
+    val = last.get("val_ema" if ema else "val")
+    if val:
+        notes.append(f"**Validation ({val['count']} images):** top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}")
+    save_hub_folder(os.path.join(run.output_dir, "hub"), model, {"params": host.ema_params if ema else host.params},
+                    label_names=run.classes, weights=weights, notes=notes)
 
 
 class TrainingDivergedError(RuntimeError):

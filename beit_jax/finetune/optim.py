@@ -138,6 +138,9 @@ class TrainConfig:
     cutmix: float = option(0.0, "cutmix alpha, on when > 0 (BEiT: 1.0)")
     mixup_prob: float = option(1.0, "probability of mixing a batch when mixup or cutmix is on")
     mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = option("batch", "what shares one mixup/cutmix draw (timm's Mixup mode): batch: the whole batch; "
+                                      "pair: each pair of rows (i, B-1-i); elem: each row (pair and elem need an "
+                                      "even batch)", choices=augment.MIXUP_MODES)
     model_ema_decay: Optional[float] = option(None, "keep an EMA of the weights with this decay per optimizer "
                                                   "step (timm's ModelEma, e.g. 0.9999); evaluated and "
                                                   "exported too (default: off)")
@@ -162,6 +165,8 @@ class TrainConfig:
             bad.append("label_smoothing, b1 and b2 must be < 1 and hflip <= 1")
         if not (self.reprob <= 1 and self.mixup_prob <= 1 and self.mixup_switch_prob <= 1):
             bad.append("reprob, mixup_prob and mixup_switch_prob are probabilities (<= 1)")
+        if self.mixup_mode not in augment.MIXUP_MODES:
+            bad.append(f"mixup_mode={self.mixup_mode!r} (one of {', '.join(augment.MIXUP_MODES)})")
         if self.remode not in augment.ERASE_MODES:
             bad.append(f"remode={self.remode!r} (one of {', '.join(augment.ERASE_MODES)})")
         if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
@@ -184,7 +189,7 @@ class TrainConfig:
         if not self.mixing:
             return None
         return augment.Mixup(self.mixup, self.cutmix, prob=self.mixup_prob, switch_prob=self.mixup_switch_prob,
-                             label_smoothing=self.label_smoothing)
+                             label_smoothing=self.label_smoothing, mode=self.mixup_mode)
 
 
 # ---- the published recipe -----------------------------------------------------------------------

@@ -69,11 +69,16 @@ def _classes_mismatch(path: str, saved: Optional[List[str]], now: List[str]) -> 
             f"classes. Use another `output_dir`, or the same training classes")
 
 
+# Settings added after checkpoints were first written: what a checkpoint without them ran with.
+SETTINGS_ADDED = {"mixup_mode": "batch"}
+
+
 def _settings_mismatch(path: str, saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> str:
     """Why a resume with `now` settings would continue another run than the checkpoint's ('' if
     it would not)."""
     if not saved:
         return ""
+    saved = dict(SETTINGS_ADDED, **saved)
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(now.get(k)))]
     if not diff:

@@ -19,8 +19,9 @@ from .state import TrainState
 NO_MIX = {"lam": np.float32(1.0), "cutmix": np.bool_(False), "box": np.zeros(4, np.int32)}
 
 
-def mix_arrays(lam: float, use_cutmix: bool, box) -> Dict[str, np.ndarray]:
-    """A batch's mixup parameters (augment.Mixup.params) as the train step takes them."""
+def mix_arrays(lam, use_cutmix, box) -> Dict[str, np.ndarray]:
+    """A batch's mixup parameters as the train step takes them: augment.Mixup.params' scalars
+    ('batch' mode), or params_per_row's arrays over the global batch ('pair' / 'elem')."""
     return {"lam": np.float32(lam), "cutmix": np.bool_(use_cutmix), "box": np.asarray(box, np.int32)}
 
 
@@ -33,10 +34,12 @@ def _loss_fn(model, params, x, targets, weights, rng):
 
 def make_train_step(model, cfg: TrainConfig, mean, std) -> Callable:
     """(state, images uint8 (B,H,W,3), labels (B,), weights (B,), erase boxes (B,4), sample seeds
-    (B,), mix {lam, cutmix, box}) -> (state, metrics). Pure; jit it.
+    (B,), mix {lam, cutmix, box}: scalars, or per row of the global batch) -> (state, metrics).
+    Pure; jit it.
 
     On the device, over the global batch: normalize, random erasing (noise from each sample's
-    seed), mixup/cutmix (row i with row B-1-i of the global batch) and mixed smoothed targets,
+    seed), mixup/cutmix (row i with row B-1-i of the global batch, with the batch's or the row's
+    lambda and box) and mixed smoothed targets,
     loss and update, then the EMA (only on steps where the optimizer applied an update).
     """
     num_classes = model.num_classes
