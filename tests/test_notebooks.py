@@ -13,6 +13,7 @@ NOTEBOOKS = {  # notebook -> figures it must produce
     "02_feature_extraction.ipynb": 2,  # neighbour gallery, PCA
     "03_finetune.ipynb": 2,  # curves, prediction grid
     "04_nnx.ipynb": 2,  # BEiT-3 attention and token norms, NNX fine-tuning curves
+    "05_segmentation.ipynb": 3,  # overlays (whole / slide), curves, predictions vs truth
 }
 
 
@@ -49,5 +50,11 @@ def test_notebook_is_stripped_and_runs(name, imagenet_dir, monkeypatch, tmp_path
         top1 = float(re.search(r"val top-1 ([0-9.]+)", text).group(1))
         assert top1 > 0.35, text[-2000:]
         assert "timm loads it (strict); same predictions: True" in text, text[-2000:]
+    if name == "05_segmentation.ipynb":  # the fine-tune learns on held-out shapes; transformers reads the export
+        import re
+        before, after = (float(v) for v in re.search(r"val mIoU ([0-9.]+) -> ([0-9.]+)", text).groups())
+        assert after > before + 0.3, text[-2000:]
+        diff = float(re.search(r"transformers loads it; .* max logit diff ([0-9.e+-]+)", text).group(1))
+        assert diff < 1e-4, text[-2000:]
     if name == "02_feature_extraction.ipynb":
         assert "48 images on" in text and "failures: 0" in text, text[-2000:]
