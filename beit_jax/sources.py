@@ -26,6 +26,7 @@ it becomes a ref carrying its error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import posixpath
 import queue
@@ -777,10 +778,95 @@ def prefetch(producers: Iterable[Callable[[], Iterable]], ahead: int = 2, queue_
         stop.set()
 
 
-# ---- labelled folders (fine-tuning) -----------------------------------------------------------------
-def list_image_folder(root: Union[str, os.PathLike]) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
-    """An ImageFolder layout (one sub-folder per class): (refs, int labels, sorted class names)."""
+# ---- labelled inputs (fine-tuning) ------------------------------------------------------------------
+LABEL_COLUMNS = ("label", "labels", "class", "target")
+
+
+def list_labelled(src: Union[str, os.PathLike], label_column: Optional[str] = None, path_column: Optional[str] = None,
+                  storage_options: Optional[Dict[str, Any]] = None) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
+    """(refs, int32 labels, class names) of a labelled image set, in a deterministic order:
+
+    - a folder or bucket prefix laid out as an ImageFolder (ROOT/CLASS/**/IMAGE: the class is the
+      folder under ROOT; classes sorted by name, images in os.walk order within each);
+    - a table (.parquet / .csv / .jsonl, or a glob / {a,b} list of tables) with a path column (as
+      extract reads it: `path_column`, or path/url/...) and `label_column` (default: label, labels,
+      class or target): class indices (ints; the names are then '0'..'K-1') or class names
+      (strings; sorted). Rows in table order.
+    Webdataset shards are not read here (fine-tuning reads listed sources; `extract` streams shards).
+    """
+    src = os.fspath(src)
+    fs, path = filesystem(src, storage_options)
+    if any(c in src for c in "*?{") or _ext(path) in TABLE_EXTENSIONS or (not fs.isdir(path) and fs.exists(path)):
+        return _labelled_table(src, label_column, path_column, storage_options)
+    if is_tar_name(path) or (fs.isdir(path) and any(is_tar_name(p) for p in fs.ls(path, detail=False)[:1000])):
+        raise ValueError(f"{src}: webdataset shards cannot be fine-tuned on yet (fine-tuning reads an ImageFolder "
+                         f"folder/prefix or a table of paths and labels; `beit-jax extract` streams shards)")
+    if label_column:
+        raise ValueError(f"`label_column` is for tables; {src} is a folder (its classes are its sub-folders)")
+    return list_image_folder(src, storage_options)
+
+
+def _labelled_table(src: str, label_column: Optional[str], path_column: Optional[str], storage_options):
+    inputs = list_inputs(src, storage_options, path_column)
+    if any(isinstance(item, Streamed) for item in inputs.items):
+        raise ValueError(f"{src}: webdataset shards cannot be fine-tuned on yet (name a table of paths and labels "
+                         f"or an ImageFolder)")
+    col = label_column or next((c for c in LABEL_COLUMNS if c in inputs.columns), None)
+    if col is None or col not in inputs.columns:
+        wanted = repr(label_column) if label_column else ", ".join(LABEL_COLUMNS[:-1]) + " or " + LABEL_COLUMNS[-1]
+        has = ", ".join(inputs.columns) or "no other columns"
+        raise ValueError(f"{src}: no {wanted} column to take labels from (it has {has}): name it with `label_column`")
+    refs = list(inputs.refs())
+    if not refs:
+        raise ValueError(f"{src}: the table has no rows")
+    values = [(r.meta or {}).get(col) for r in refs]
+    missing = [r.id for r, v in zip(refs, values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    if missing:
+        raise ValueError(f"{src}: {len(missing)} rows have no {col!r} value (first: {missing[0]}): give every "
+                         f"row a label, or drop those rows")
+    if all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in values):
+        labels = np.asarray([int(v) for v in values], np.int64)
+        if labels.min() < 0:
+            bad = int(np.argmin(labels))
+            raise ValueError(f"{src}: {refs[bad].id} has label {labels[bad]}: class indices start at 0")
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    else:
+        names = [str(v) for v in values]
+        classes = sorted(set(names))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([index[n] for n in names], np.int64)
+    return refs, labels.astype(np.int32), classes
+
+
+def _walk_order(rel: str):
+    """os.walk's order for a relative posix path: a folder's files before its sub-folders' files."""
+    parts = rel.split("/")
+    return tuple(parts[:-1]), parts[-1]
+
+
+def list_image_folder(root: Union[str, os.PathLike],
+                      storage_options: Optional[Dict[str, Any]] = None) -> Tuple[List[ImageRef], np.ndarray, List[str]]:
+    """An ImageFolder layout (one sub-folder per class), local or a bucket prefix: (refs, int
+    labels, sorted class names)."""
     root = os.fspath(root)
+    fs, path = filesystem(root, storage_options)
+    if not is_local_fs(fs):
+        fs.invalidate_cache(path)
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        base = path.rstrip("/") + "/"
+        by_class: Dict[str, List[str]] = {}
+        for p in fs.find(path):
+            rel = p[len(base):] if p.startswith(base) else None
+            if rel and "/" in rel and is_image_name(rel):
+                by_class.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
+        if not by_class:
+            raise ValueError(f"{root}: no class sub-folders with images (expected ROOT/CLASS/IMAGE files)")
+        classes = sorted(by_class)
+        refs = [_ref(fs, base + c + "/" + r) for c in classes for r in sorted(by_class[c], key=_walk_order)]
+        labels = [k for k, c in enumerate(classes) for _ in by_class[c]]
+        return refs, np.asarray(labels, np.int32), classes
+    root = path if root.startswith("file://") else root
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))

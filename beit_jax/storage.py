@@ -7,6 +7,7 @@ missing one is an error naming the extra to install.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from ._io import atomic_write, temp_name
 
@@ -67,6 +68,62 @@ def unstrip(fs, path: str) -> str:
 def is_local_fs(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def join_url(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path (os.path.join) or a URL (posix joins after the scheme)."""
+    base = os.fspath(base)
+    if protocol_of(base) in ("file", "local"):
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def write_whole(url: str, data: bytes, storage_options: Optional[Dict[str, Any]] = None) -> None:
+    """Write the file at `url` whole: locally a temp file renamed over it, on a bucket one PUT (an
+    object is replaced complete or not at all), so a reader or a crash never sees half of it and
+    the previous version stays until the new one is complete."""
+    fs, path = filesystem(url, storage_options)
+    if is_local_fs(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_whole(url: str, storage_options: Optional[Dict[str, Any]] = None) -> bytes:
+    fs, path = filesystem(url, storage_options)
+    if not is_local_fs(fs):
+        fs.invalidate_cache(path)
+    return fs.cat_file(path)
+
+
+def url_exists(url: str, storage_options: Optional[Dict[str, Any]] = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    if not is_local_fs(fs):
+        fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+@contextlib.contextmanager
+def staged_folder(url: str, storage_options: Optional[Dict[str, Any]] = None) -> Iterator[str]:
+    """A local folder to write a set of files into (with code that writes local paths) that ends up
+    at `url`: `url` itself when it is local; else a temporary folder whose files are uploaded one
+    whole object each (write_whole) when the block ends without an error, then removed."""
+    fs, path = filesystem(url, storage_options)
+    if is_local_fs(fs):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="beit-jax-stage-") as tmp:
+        yield tmp
+        for dirpath, _, names in os.walk(tmp):
+            for name in sorted(names):
+                local = os.path.join(dirpath, name)
+                rel = os.path.relpath(local, tmp).replace(os.sep, "/")
+                with open(local, "rb") as f:
+                    fs.pipe_file(posixpath.join(path, rel), f.read())
 
 
 class Folder:

@@ -337,3 +337,23 @@ def assert_exactly_the_rows_of(out, ref) -> None:
               for p in json.loads(folder.read(f"units/{name}"))["parts"] for f in p["files"]}
     parts = {rel for rel in folder.sizes() if rel.split("/")[0] in ("pooled", "metadata")}
     assert parts == listed, f"files no marker lists: {sorted(parts - listed)[:5]}"
+
+
+# ---- servers on loopback (storage tests) ------------------------------------------------------------
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_server(cmd, port: int, log: Path) -> subprocess.Popen:
+    """A server process on loopback, its log to a file (a full pipe would stall it), once it listens."""
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} did not listen on 127.0.0.1:{port}: {log.read_text()[-2000:]}")

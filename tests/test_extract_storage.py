@@ -7,7 +7,6 @@ import functools
 import http.server
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,61 +20,10 @@ import pytest
 
 import beit_jax
 from beit_jax.extract import extract, read_failures, read_features
-from tests.support import (TINY, assert_exactly_the_rows_of, cli, cli_command, elastic_fleet, extract_cli, free_port,
+from tests.support import (TINY, assert_exactly_the_rows_of, start_server, cli, cli_command, elastic_fleet, extract_cli, free_port,
                            run_cli, run_process_pair, sample_photos, subprocess_env)
 
 BROKEN = ["broken.png", "truncated_end_chunk.png"]
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _start_server(cmd, port: int, log: Path) -> subprocess.Popen:
-    """A server process on loopback, its log to a file (a full pipe would stall it), once it listens."""
-    import socket
-
-    out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not listen on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """moto's S3 server on loopback; the environment an S3 user sets (endpoint and credentials)."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = _start_server([str(exe), "-H", "127.0.0.1", "-p", str(port)], port,
-                         tmp_path_factory.mktemp("moto") / "server.log")
-    env = dict(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def s3fs_client(s3_env):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    return fs
-
-
 @contextlib.contextmanager
 def http_server(root: Path):
     """A plain HTTP server over `root` on loopback (what an img2dataset URL table points at)."""
@@ -354,7 +302,7 @@ def test_gcs_emulator_round_trip(imagenet_dir, tmp_path):
     """gcsfs against gcp-storage-emulator: extract from and to gs://."""
     port = free_port()
     exe = Path(sys.executable).parent / "gcp-storage-emulator"
-    proc = _start_server([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port,
+    proc = start_server([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], port,
                          tmp_path / "emulator.log")
     try:
         # what a user of the emulator sets; the flag turns off gcsfs's gRPC bucket-type probe,

@@ -1,5 +1,5 @@
-"""`beit-jax finetune --train DIR --output RUN`: layer-decay fine-tuning on an ImageFolder, on one
-device or every device of every host."""
+"""`beit-jax finetune --train SRC --output RUN`: layer-decay fine-tuning on an ImageFolder (local or a
+bucket prefix) or a table of paths and labels, on one device or every device of every host."""
 from __future__ import annotations
 
 import argparse
@@ -27,9 +27,17 @@ def register(sub) -> None:
                     "timm.create_model('local-dir:OUTPUT/hub', pretrained=True); `beit-jax push` uploads it).\n\n"
                     "Multi-host: start the same command on every host with --distributed (or --coordinator,\n"
                     "--num-processes, --process-id); --batch-size is the global batch, process 0 writes OUTPUT.")
-    p.add_argument("--train", required=True, help="training ImageFolder")
-    p.add_argument("--val", help="validation ImageFolder (top-1/top-5 reported)")
-    p.add_argument("--output", "-o", required=True, help="output folder (written by process 0)")
+    p.add_argument("--train", required=True, metavar="SRC",
+                   help="training images: an ImageFolder (ROOT/CLASS/IMAGE) folder or bucket prefix (s3://, gs://), "
+                        "or a table (.parquet/.csv/.jsonl, a glob or {a,b} list of them) of paths/URLs and labels")
+    p.add_argument("--val", metavar="SRC", help="validation images, as --train (top-1/top-5 reported; classes matched "
+                                                "to the training classes by name)")
+    p.add_argument("--label-column", default=None,
+                   help="tables: the column of labels, class indices or names (default: label, labels, class or target)")
+    p.add_argument("--path-column", default=None,
+                   help="tables: the column of image paths/URLs (default: path, url, image_path or filepath)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output folder, local or a bucket URL (s3://, gs://; written by process 0, every file whole)")
     add_model_options(p, img_size=True)
     add_dtype_option(p, "master params stay float32")
     p.add_argument("--recipe", choices=["beit"], default=None,
@@ -87,9 +95,9 @@ def _run(args) -> int:
     import jax
 
     from .. import finetune
-    from ..data import list_image_folder
+    from ..sources import list_labelled
 
-    refs, _, classes = list_image_folder(args.train)
+    refs, _, classes = list_labelled(args.train, args.label_column, args.path_column)
     cfg, batch, drop_path, note = settings_from_args(args, len(refs), args.model)
     main = jax.process_index() == 0
     if note and main:
@@ -110,7 +118,8 @@ def _run(args) -> int:
     out = finetune.train(model, variables, args.train, val_dir=args.val, output_dir=args.output,
                          batch_size=batch, cfg=cfg, workers=args.workers,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
-                         max_steps=args.max_steps, eval_every=args.eval_every, progress=not args.no_progress)
+                         max_steps=args.max_steps, eval_every=args.eval_every, progress=not args.no_progress,
+                         label_column=args.label_column, path_column=args.path_column)
     if main:
         print(json.dumps(out, default=float))
     return 0

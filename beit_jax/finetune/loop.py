@@ -16,13 +16,15 @@ import numpy as np
 from .. import parallel as par
 from .._io import atomic_write
 from ..checkpoints import save_flax_checkpoint
-from ..data import Decoder, list_image_folder, stream_batches
+from ..data import Decoder, stream_batches
 from ..publish import save_hub_folder
+from ..sources import list_labelled
+from ..storage import Folder, join_url, staged_folder, url_exists
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
 from .order import batch_mix_rng, eval_slots, train_batches
-from .state import (_check_output, _classes_mismatch, _saved_step, _settings_mismatch, _truncate_metrics,
-                    create_train_state, restore_checkpoint, save_checkpoint)
+from .state import (MetricsLog, _check_output, _classes_mismatch, _saved_step, _settings_mismatch, create_train_state,
+                    restore_checkpoint, save_checkpoint)
 from .steps import Trainer, mix_arrays
 
 
@@ -62,22 +64,30 @@ class _Run:
     classes: List[str]
     state: Any  # TrainState on the host (fresh, or restored from the checkpoint)
     settings: Dict[str, Any]
+    metrics: Optional[MetricsLog] = None
+    label_column: Optional[str] = None
+    path_column: Optional[str] = None
 
     @property
     def ckpt(self) -> str:
-        return os.path.join(self.output_dir, "checkpoint.msgpack")
+        return join_url(self.output_dir, "checkpoint.msgpack")
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.output_dir, "metrics.jsonl")
+        return join_url(self.output_dir, "metrics.jsonl")
 
 
 def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, output_dir: str,
           batch_size: int = 32, cfg: Optional[TrainConfig] = None, workers: int = 2,
           checkpoint_every: int = 100, resume: bool = False, max_steps: Optional[int] = None,
-          eval_every: Optional[int] = None, progress: bool = True, log: Callable = print) -> Dict[str, Any]:
-    """Fine-tune `model` on an ImageFolder with a global batch of `batch_size` over every device of
-    every process. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
+          eval_every: Optional[int] = None, progress: bool = True, log: Callable = print,
+          label_column: Optional[str] = None, path_column: Optional[str] = None) -> Dict[str, Any]:
+    """Fine-tune `model` with a global batch of `batch_size` over every device of every process.
+
+    train_dir / val_dir: an ImageFolder (ROOT/CLASS/IMAGE) on local disk or a bucket prefix, or a
+    table (.parquet/.csv/.jsonl, globs and {a,b} lists too) of image paths/URLs (`path_column`) and
+    labels (`label_column`: class indices or names); see sources.list_labelled. output_dir: a local
+    folder or any fsspec URL (s3://, gs://); every file in it is written whole. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
     metrics.jsonl} (and model_ema.msgpack with an EMA) and output_dir/hub/ (timm's Hub layout:
     config.json, model.safetensors, README.md; see beit_jax.publish) from process 0 only; returns the final
     metrics. max_steps stops early (as a crash would; resume=True continues: process 0 reads the
@@ -86,7 +96,8 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
     Three stages: `_open_run` (refusals, the optimizer, resume), `_loop` (steps, metrics,
     checkpoints, validation), `_export` (the final weights, once every step is done).
     """
-    run = _open_run(model, variables, train_dir, output_dir, batch_size, cfg or TrainConfig(), resume, log)
+    run = _open_run(model, variables, train_dir, output_dir, batch_size, cfg or TrainConfig(), resume, log,
+                    label_column, path_column)
     state, last = _loop(run, model, val_dir, workers, checkpoint_every, max_steps, eval_every, progress)
     if int(state.step) >= run.cfg.total_steps and run.main:
         _export(run, model, state, last)
@@ -95,12 +106,13 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
 
 
 def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int, cfg: TrainConfig,
-              resume: bool, log: Callable) -> _Run:
+              resume: bool, log: Callable, label_column: Optional[str] = None,
+              path_column: Optional[str] = None) -> _Run:
     """Check everything that can be refused, then the train state: fresh, or the checkpoint's
     (process 0 reads it, the output folder need not be shared, and hands it on)."""
     main = jax.process_index() == 0
     log = log if main else (lambda *a, **k: None)
-    refs, labels, classes = list_image_folder(train_dir)
+    refs, labels, classes = list_labelled(train_dir, label_column, path_column)
     if len(classes) != model.num_classes:
         raise ValueError(f"{train_dir} has {len(classes)} classes but the model head has {model.num_classes}: "
                          f"create the model with num_classes={len(classes)}")
@@ -111,18 +123,18 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
                          f"i and B-1-i are mixed), got batch size {batch_size}: pass an even `batch_size`, or "
                          f"`mixup_mode=batch`")
     if main:
-        os.makedirs(output_dir, exist_ok=True)
+        Folder(output_dir).makedirs()
     refusal = _check_output(output_dir, resume) if main else ""
     if not par.all_processes_agree(np.array([not refusal]))[0]:
         raise ValueError(refusal or "process 0 refused the output folder (see its error)")
     tx = make_optimizer(model, variables, cfg)
     state = create_train_state(model, variables, tx, cfg.seed, ema=cfg.model_ema_decay is not None)
     run = _Run(cfg, batch_size, output_dir, main, log, resolve_data_config(model), refs, labels, classes, state,
-               _settings(cfg, batch_size))
+               _settings(cfg, batch_size), label_column=label_column, path_column=path_column)
     found = False
     if resume:
         host, status, problem = jax.device_get(state), np.int32(0), ""
-        if main and os.path.exists(run.ckpt):
+        if main and url_exists(run.ckpt):
             host, extra = restore_checkpoint(run.ckpt, host)
             problem = (_settings_mismatch(run.ckpt, extra.get("settings"), run.settings)
                        or _classes_mismatch(run.ckpt, extra.get("classes"), classes))
@@ -134,10 +146,9 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
         if found:
             run.state = host
             log(f"resumed from {run.ckpt} at step {int(host.step)}")
-            if main:
-                _truncate_metrics(run.metrics_path, int(host.step))
-    if main and not found:
-        _truncate_metrics(run.metrics_path, 0)  # ours: a resumed run that had not reached its first checkpoint
+    # a resumed run drops the lines past its checkpoint; a fresh one (or a resumed run that had not
+    # reached its first checkpoint) starts the file anew
+    run.metrics = MetricsLog(run.metrics_path, int(run.state.step) if found else 0, write=main)
     return run
 
 
@@ -155,7 +166,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
                                 auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode=cfg.remode)
     eval_tf = create_transform(**data_cfg)
     mixer = cfg.mixer()
-    val = _val_by_train_classes(val_dir, run.classes) if val_dir else None
+    val = _val_by_train_classes(val_dir, run.classes, run.label_column, run.path_column) if val_dir else None
     start = int(state.step)
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     bar = None
@@ -187,15 +198,13 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
                 kept = (f"the last good checkpoint ({run.ckpt}, step {_saved_step(run.ckpt)}) is kept"
-                        if main and os.path.exists(run.ckpt) else "no checkpoint had been written yet")
+                        if main and url_exists(run.ckpt) else "no checkpoint had been written yet")
                 raise TrainingDivergedError(
                     f"the loss or the parameters became non-finite at step {step + 1} (loss {m['loss']}): training "
                     f"diverged (is `lr={cfg.lr}` too high, or an input broken?). Stopped before saving anything "
                     f"of that step; {kept}; nothing was exported.")
             last = dict(step=step + 1, epoch=b.epoch, **m)
-            if main:
-                with open(run.metrics_path, "a") as f:
-                    f.write(json.dumps(dict(step=step + 1, epoch=b.epoch, loss=m["loss"], accuracy=m["accuracy"])) + "\n")
+            run.metrics.add(dict(step=step + 1, epoch=b.epoch, loss=m["loss"], accuracy=m["accuracy"]))
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
                 bar.update(1)
@@ -204,6 +213,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
                 last.update(validate())
                 log(f"step {done}: val top1 {last['val']['top1']:.3f} top5 {last['val']['top5']:.3f}")
             if (done % checkpoint_every == 0 or done == end) and main:
+                run.metrics.flush()  # first: lines past a checkpoint are dropped on resume, missing ones would be lost
                 save_checkpoint(run.ckpt, state, {"step": done, "classes": run.classes, "settings": run.settings})
     if bar is not None:
         bar.close()
@@ -218,12 +228,17 @@ def _export(run: _Run, model, state, last: Dict[str, Any]) -> None:
     """The trained weights for create_model / flax_to_timm (and the EMA's), the class names, and
     hub/: timm's Hugging Face Hub folder (the EMA's weights when an EMA was kept, as timm's
     train.py evaluates and keeps the EMA then; model.msgpack keeps the raw weights)."""
+    with staged_folder(run.output_dir) as out:  # the output folder itself, or uploaded from a local one
+        _write_exports(out, run, model, state, last)
+
+
+def _write_exports(out: str, run: _Run, model, state, last: Dict[str, Any]) -> None:
     host = jax.device_get(state)
-    save_flax_checkpoint({"params": host.params}, model, os.path.join(run.output_dir, "model.msgpack"))
+    save_flax_checkpoint({"params": host.params}, model, os.path.join(out, "model.msgpack"))
     ema = run.cfg.model_ema_decay is not None
     if ema:
-        save_flax_checkpoint({"params": host.ema_params}, model, os.path.join(run.output_dir, "model_ema.msgpack"))
-    atomic_write(os.path.join(run.output_dir, "classes.json"), json.dumps(run.classes))
+        save_flax_checkpoint({"params": host.ema_params}, model, os.path.join(out, "model_ema.msgpack"))
+    atomic_write(os.path.join(out, "classes.json"), json.dumps(run.classes))
     cfg = run.cfg
     weights = (f"the EMA of the fine-tuned weights (decay {cfg.model_ema_decay} per optimizer step), as timm's "
                f"train.py evaluates and keeps the EMA when one is on; the raw final weights are the run's "
@@ -235,7 +250,7 @@ def _export(run: _Run, model, state, last: Dict[str, Any]) -> None:
     val = last.get("val_ema" if ema else "val")
     if val:
         notes.append(f"**Validation ({val['count']} images):** top-1 {val['top1']:.4f}, top-5 {val['top5']:.4f}")
-    save_hub_folder(os.path.join(run.output_dir, "hub"), model, {"params": host.ema_params if ema else host.params},
+    save_hub_folder(os.path.join(out, "hub"), model, {"params": host.ema_params if ema else host.params},
                     label_names=run.classes, weights=weights, notes=notes)
 
 
@@ -243,9 +258,10 @@ class TrainingDivergedError(RuntimeError):
     """The loss stopped being a finite number."""
 
 
-def _val_by_train_classes(val_dir: str, classes: List[str]):
-    """The validation ImageFolder with labels matched to the training classes by name."""
-    refs, labels, val_classes = list_image_folder(val_dir)
+def _val_by_train_classes(val_dir: str, classes: List[str], label_column: Optional[str] = None,
+                          path_column: Optional[str] = None):
+    """The validation set with labels matched to the training classes by name."""
+    refs, labels, val_classes = list_labelled(val_dir, label_column, path_column)
     unknown = [c for c in val_classes if c not in classes]
     if unknown:
         raise ValueError(f"{val_dir} has classes the training set does not have: {unknown[:10]} (the model "

@@ -43,7 +43,6 @@ import optax
 
 from .. import parallel as par
 from .._config import option
-from .._io import atomic_write
 from ..models.segmentation import BeitSegmenter, resize_bilinear
 from ..segmentation import MODES, SEG_MEAN, SEG_STD, device_runner, save_hf_folder, segment_logits
 from ..transforms import load_image, normalize
@@ -51,7 +50,8 @@ from .optim import scale_by_tree
 from .order import epoch_order, sample_seed
 from .seg_data import (IGNORE, SegAugment, confusion, list_segmentation_folder, load_train_sample, ordered_map,
                        read_label_map, segmentation_metrics, split_rows)
-from .state import (TrainState, _check_output, _saved_step, _settings_mismatch, _truncate_metrics,
+from ..storage import Folder, join_url, protocol_of, staged_folder, url_exists, write_whole
+from .state import (MetricsLog, TrainState, _check_output, _saved_step, _settings_mismatch,
                     restore_checkpoint, save_checkpoint)
 
 
@@ -316,11 +316,11 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     if batch_size % jax.device_count():
         raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
     if main:
-        os.makedirs(output_dir, exist_ok=True)
+        Folder(output_dir).makedirs()
     refusal = _check_output(output_dir, resume) if main else ""
     if not par.all_processes_agree(np.array([not refusal]))[0]:
         raise ValueError(refusal or "process 0 refused the output folder (see its error)")
-    ckpt, metrics_path, eval_path = (os.path.join(output_dir, n) for n in ("checkpoint.msgpack", "metrics.jsonl",
+    ckpt, metrics_path, eval_path = (join_url(output_dir, n) for n in ("checkpoint.msgpack", "metrics.jsonl",
                                                                            "eval.jsonl"))
     settings = dict(dataclasses.asdict(cfg), scale_range=list(cfg.scale_range), batch_size=batch_size,
                     train_split=train_split, num_labels=model.config.num_labels, image_size=model.config.image_size)
@@ -328,7 +328,7 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     found = False
     if resume:
         host, status, problem = jax.device_get(state), np.int32(0), ""
-        if main and os.path.exists(ckpt):
+        if main and url_exists(ckpt):
             host, extra = restore_checkpoint(ckpt, host)
             problem = _settings_mismatch(ckpt, extra.get("settings"), settings)
             status = np.int32(2 if problem else 1)
@@ -339,12 +339,10 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
         if found:
             state = host
             log(f"resumed from {ckpt} at step {int(host.step)}")
-    if main:
-        for p in (metrics_path, eval_path):
-            _truncate_metrics(p, int(state.step) if found else 0)
+    metrics, evals = (MetricsLog(p, int(state.step) if found else 0, write=main) for p in (metrics_path, eval_path))
 
-    if not found and os.path.exists(os.path.join(output_dir, "model")):
-        raise FileExistsError(f"{os.path.join(output_dir, 'model')} already exists and this run did not write it: "
+    if not found and _exported(output_dir):
+        raise FileExistsError(f"{join_url(output_dir, 'model')} already exists and this run did not write it: "
                               f"use another `output_dir` (nothing was changed)")
     start = int(state.step)
     dp = par.DataParallel("sharded")
@@ -366,9 +364,8 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     def validate(done: int):
         res = evaluate_segmenter(model, {"params": _host(state.params), "batch_stats": _host(state.batch_stats)},
                                  val, cfg)
-        if main:
-            with open(eval_path, "a") as f:
-                f.write(json.dumps(dict(step=done, **res)) + "\n")
+        evals.add(dict(step=done, **res))
+        evals.flush()
         log(f"step {done}: val mIoU {res['mIoU']:.4f} mAcc {res['mAcc']:.4f} aAcc {res['aAcc']:.4f}")
         return res
 
@@ -391,21 +388,20 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
             from .loop import TrainingDivergedError
 
             kept = (f"the last good checkpoint ({ckpt}, step {_saved_step(ckpt)}) is kept"
-                    if main and os.path.exists(ckpt) else "no checkpoint had been written yet")
+                    if main and url_exists(ckpt) else "no checkpoint had been written yet")
             raise TrainingDivergedError(f"the loss or the parameters became non-finite at step {step + 1} (loss "
                                         f"{m['loss']}): training diverged (is `lr={cfg.lr}` too high?). Stopped "
                                         f"before saving anything of that step; {kept}; nothing was exported.")
         done = step + 1
         last = dict(step=done, **m)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+        metrics.add(last)
         if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['pixel_acc']:.2f}")
             bar.update(1)
         if val and eval_every and done % eval_every == 0:
             last["val"] = validate(done)
         if (done % checkpoint_every == 0 or done == end) and main:
+            metrics.flush()  # first: lines past a checkpoint are dropped on resume, missing ones would be lost
             save_checkpoint(ckpt, jax.device_get(_host(state)), {"step": done, "settings": settings})
     if bar is not None:
         bar.close()
@@ -425,14 +421,25 @@ def _take(it, n: int):
         yield x
 
 
+def _exported(output_dir: str) -> bool:
+    return url_exists(join_url(output_dir, "model.json")) or url_exists(join_url(output_dir, "model", "config.json"))
+
+
 def _export(output_dir: str, model: BeitSegmenter, state) -> None:
-    """output_dir/model: a transformers folder, written beside and renamed into place whole."""
-    final = os.path.join(output_dir, "model")
-    if os.path.exists(final):  # this run's export (a fresh run refuses a folder that has one), before a resume
+    """output_dir/model: a transformers folder, complete before model.json says it is there (locally
+    written beside and renamed into place; on a bucket uploaded file by file, then model.json)."""
+    if url_exists(join_url(output_dir, "model.json")):  # this run's export (a fresh run refuses a folder with one)
         return
-    tmp = os.path.join(output_dir, f".model.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf_folder(tmp, model, {"params": _host(state.params), "batch_stats": _host(state.batch_stats)})
-    os.replace(tmp, final)
-    atomic_write(os.path.join(output_dir, "model.json"), json.dumps({"format": "transformers BeitForSemanticSegmentation",
-                                                                    "folder": "model"}))
+    variables = {"params": _host(state.params), "batch_stats": _host(state.batch_stats)}
+    if protocol_of(output_dir) in ("file", "local"):
+        final = os.path.join(output_dir, "model")
+        if not os.path.exists(final):  # else complete (renamed whole) by a try that stopped before model.json
+            tmp = os.path.join(output_dir, f".model.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf_folder(tmp, model, variables)
+            os.replace(tmp, final)
+    else:
+        with staged_folder(join_url(output_dir, "model")) as tmp:
+            save_hf_folder(tmp, model, variables)
+    write_whole(join_url(output_dir, "model.json"), json.dumps({"format": "transformers BeitForSemanticSegmentation",
+                                                                "folder": "model"}).encode())

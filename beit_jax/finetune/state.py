@@ -1,5 +1,9 @@
-"""The train state (params, optimizer state, step, rng, EMA) and what a run keeps on disk: its
-checkpoint, metrics, and the checks that refuse to mix runs in one output folder."""
+"""The train state (params, optimizer state, step, rng, EMA) and what a run keeps in its output
+folder: its checkpoint, metrics, and the checks that refuse to mix runs in one output folder.
+
+The output folder is a local path or any fsspec URL (s3://, gs://, ...): every file is written
+whole (storage.write_whole: temp + rename locally, one PUT on a bucket), so the previous checkpoint
+stays readable until the new one is complete."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +16,7 @@ import jax.numpy as jnp
 from flax import serialization
 from flax.training import train_state
 
-from .._io import atomic_write
+from ..storage import protocol_of, read_whole, url_exists, write_whole
 from .optim import _params
 
 
@@ -33,27 +37,26 @@ def create_train_state(model, variables, tx, seed: int = 0, ema: bool = False) -
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def save_checkpoint(path: str, state: TrainState, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Atomically write the whole train state (params, optimizer, step, rng, EMA) + JSON-able extras."""
+    """Write the whole train state (params, optimizer, step, rng, EMA) + JSON-able extras to `path`
+    (a local path or URL) whole: temp + rename locally, one PUT on a bucket."""
     host = jax.device_get(state)
     payload = {"state": serialization.to_state_dict(host), "extra": json.dumps(extra or {})}
-    atomic_write(path, serialization.msgpack_serialize(payload))
+    write_whole(path, serialization.msgpack_serialize(payload))
 
 
 def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dict[str, Any]]:
-    with open(path, "rb") as f:
-        payload = serialization.msgpack_restore(f.read())
+    payload = serialization.msgpack_restore(read_whole(path))
     state = serialization.from_state_dict(jax.device_get(template), payload["state"])
     return state, json.loads(payload["extra"])
 
 
 def _saved_step(path: str) -> int:
-    with open(path, "rb") as f:
-        return int(json.loads(serialization.msgpack_restore(f.read())["extra"]).get("step", 0))
+    return int(json.loads(serialization.msgpack_restore(read_whole(path))["extra"]).get("step", 0))
 
 
-def _check_output(output_dir: str, resume: bool) -> str:
+def _check_output(output_dir: str, resume: bool, names=("checkpoint.msgpack", "metrics.jsonl", "model.msgpack")) -> str:
     """Why this output folder must not be written without resume ('' if it may)."""
-    ours = [n for n in ("checkpoint.msgpack", "metrics.jsonl", "model.msgpack") if os.path.exists(os.path.join(output_dir, n))]
+    ours = [n for n in names if url_exists(os.path.join(output_dir, n))]
     if ours and not resume:
         return (f"{output_dir} already holds a fine-tuning run ({', '.join(ours)}): pass `resume=True` to continue it, "
                 f"or use another `output_dir` (nothing was changed)")
@@ -87,11 +90,35 @@ def _settings_mismatch(path: str, saved: Optional[Dict[str, Any]], now: Dict[str
             f"or start a new `output_dir`")
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past the checkpoint (steps a killed run did after its last save)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+class MetricsLog:
+    """A run's metrics.jsonl (or eval.jsonl), from `step` on: the lines past it (steps a killed run
+    did after its last checkpoint) are dropped when it opens. Locally each record is appended at
+    once (`tail -f` works); on a bucket, which has no appends, the file is rewritten whole at every
+    `flush()` (the loop flushes with every checkpoint), so it always matches a checkpoint."""
+
+    def __init__(self, url: str, step: int, write: bool = True):
+        self.url, self.write = url, write
+        self.local = protocol_of(url) in ("file", "local")
+        self.lines: list = []
+        if not write:
+            return
+        if url_exists(url):
+            text = read_whole(url).decode()
+            self.lines = [line + "\n" for line in text.splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        if self.local:
+            write_whole(url, "".join(self.lines).encode())
+            self.lines = []
+
+    def add(self, record: Dict[str, Any]) -> None:
+        if not self.write:
+            return
+        line = json.dumps(record) + "\n"
+        if self.local:
+            with open(self.url, "a") as f:
+                f.write(line)
+        else:
+            self.lines.append(line)
+
+    def flush(self) -> None:
+        if self.write and not self.local:
+            write_whole(self.url, "".join(self.lines).encode())

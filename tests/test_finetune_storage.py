@@ -1,0 +1,149 @@
+"""Fine-tuning where the data lives (a real S3 server, moto, on 127.0.0.1): an ImageFolder under an
+S3 prefix and a parquet table of S3 URLs and class names train the same model as the local
+ImageFolder; the run folder on S3 (checkpoint, metrics, exports) resumes exactly, also after a
+SIGKILL."""
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+import beit_jax
+from beit_jax import finetune
+from beit_jax.sources import list_image_folder, list_labelled
+from beit_jax.storage import read_whole
+from tests.support import TINY, cli, cli_command, digits_folder, subprocess_env
+
+STEPS = dict(total_steps=6, warmup_steps=1, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits_s3(s3fs_client, tmp_path_factory):
+    """30 digits (3 per class) as a local ImageFolder, the same files under s3://ftune/train/, and
+    s3://ftune/train.parquet listing them (S3 URLs, class names) in the local folder's order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = digits_folder(tmp_path_factory.mktemp("ftdigits") / "train", n_per_class=3, size=32)
+    fs = s3fs_client
+    fs.mkdir("ftune")
+    refs, labels, classes = list_image_folder(local)
+    for r in refs:
+        fs.put_file(r.path, f"ftune/train/{r.path[len(str(local)) + 1:]}")
+    table = pa.table({"url": [f"s3://ftune/train/{r.path[len(str(local)) + 1:]}" for r in refs],
+                      "label": [classes[k] for k in labels], "width": [32] * len(refs)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=7)  # several row groups
+    fs.pipe_file("ftune/train.parquet", buf.getvalue())
+    fs.invalidate_cache()
+    return local
+
+
+def _model():
+    return beit_jax.create_model(TINY, num_classes=10, img_size=32)
+
+
+def _params(url):
+    data = read_whole(url)
+    return jax.tree_util.tree_leaves(serialization.msgpack_restore(data)["params"])
+
+
+def _train(src, out, **kw):
+    model, variables = _model()
+    return finetune.train(model, variables, src, output_dir=out, batch_size=8, cfg=finetune.TrainConfig(**STEPS),
+                          checkpoint_every=2, progress=False, log=lambda *a, **k: None, **kw)
+
+
+def test_s3_prefix_and_parquet_table_train_the_local_model_and_the_s3_run_resumes(digits_s3, s3fs_client, tmp_path):
+    local = digits_s3
+    refs, labels, classes = list_labelled("s3://ftune/train")
+    lrefs, llabels, lclasses = list_image_folder(local)
+    assert classes == lclasses and list(labels) == list(llabels)
+    assert [r.id for r in refs] == [f"s3://ftune/train/{r.path[len(str(local)) + 1:]}" for r in lrefs]
+    trefs, tlabels, tclasses = list_labelled("s3://ftune/train.parquet")  # label: found by name; url: the path column
+    assert tclasses == classes and list(tlabels) == list(labels) and [r.id for r in trefs] == [r.id for r in refs]
+
+    _train(str(local), str(tmp_path / "local"))
+    _train("s3://ftune/train", "s3://ftune/runs/prefix")
+    _train("s3://ftune/train.parquet", "s3://ftune/runs/table", val_dir=str(local))
+    want = [np.asarray(x) for x in _params(str(tmp_path / "local" / "model.msgpack"))]
+    for run in ("prefix", "table"):
+        got = _params(f"s3://ftune/runs/{run}/model.msgpack")
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)  # the same bytes decoded in the same order: the same model
+        names = {p.split(f"ftune/runs/{run}/", 1)[1] for p in s3fs_client.find(f"ftune/runs/{run}")}
+        assert {"checkpoint.msgpack", "metrics.jsonl", "model.msgpack", "model.json", "classes.json",
+                "hub/config.json", "hub/model.safetensors", "hub/README.md"} <= names, names
+    local_curve = (tmp_path / "local" / "metrics.jsonl").read_text()
+    assert s3fs_client.cat_file("ftune/runs/prefix/metrics.jsonl").decode() == local_curve
+    assert json.loads(s3fs_client.cat_file("ftune/runs/table/hub/config.json"))["label_names"] == classes
+
+    # stopped after step 3 (as a crash after its checkpoint), resumed from the bucket: the same run
+    part = _train("s3://ftune/train.parquet", "s3://ftune/runs/part", max_steps=3)
+    assert part["step"] == 3
+    assert len(s3fs_client.cat_file("ftune/runs/part/metrics.jsonl").decode().splitlines()) == 3
+    with pytest.raises(ValueError, match="already holds a fine-tuning run"):
+        _train("s3://ftune/train.parquet", "s3://ftune/runs/part")  # nothing overwritten without resume
+    _train("s3://ftune/train.parquet", "s3://ftune/runs/part", resume=True)
+    assert s3fs_client.cat_file("ftune/runs/part/metrics.jsonl").decode() == local_curve
+    for a, b in zip(_params("s3://ftune/runs/part/model.msgpack"), want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_table_labels_and_refusals_name_the_file_and_column(s3fs_client, digits_s3, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = digits_s3
+    refs, labels, _ = list_image_folder(local)
+    ints = tmp_path / "ints.csv"
+    ints.write_text("image,y\n" + "".join(f"{r.path},{int(k)}\n" for r, k in zip(refs, labels)))
+    r2, l2, c2 = list_labelled(str(ints), label_column="y", path_column="image")
+    assert list(l2) == list(labels) and c2 == [str(i) for i in range(10)]
+    with pytest.raises(ValueError, match=r"ints.csv: no label, labels, class or target column .*\(it has y\)"):
+        list_labelled(str(ints), path_column="image")
+    holes = tmp_path / "holes.parquet"
+    pq.write_table(pa.table({"path": [r.path for r in refs[:3]], "label": ["a", None, "b"]}), holes)
+    with pytest.raises(ValueError, match=r"holes.parquet: 1 rows have no 'label' value \(first: .*\.png\)"):
+        list_labelled(str(holes))
+    s3fs_client.pipe_file("ftune/shards/a-00000.tar", b"")
+    with pytest.raises(ValueError, match="webdataset shards cannot be fine-tuned on yet"):
+        list_labelled("s3://ftune/shards/a-00000.tar")
+    with pytest.raises(FileNotFoundError, match="s3://ftune/nothing"):
+        list_labelled("s3://ftune/nothing")
+
+
+def test_sigkilled_run_on_s3_resumes_from_the_bucket_exactly(digits_s3, s3fs_client, s3_env, tmp_path):
+    args = ["--model", TINY, "--random-weights", "--img-size", "32", "--batch-size", "8", "--steps", "60",
+            "--warmup-steps", "2", "--lr", "1e-3", "--checkpoint-every", "3", "--no-progress"]
+    ref = cli("finetune", "--train", str(digits_s3), "--output", str(tmp_path / "ref"), *args)
+    assert ref.returncode == 0, ref.stderr
+    cmd = cli_command("finetune", "--train", "s3://ftune/train.parquet", "--output", "s3://ftune/runs/killed", *args)
+    proc = subprocess.Popen(cmd, env=subprocess_env(1, **s3_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not s3fs_client.exists("ftune/runs/killed/checkpoint.msgpack"):
+        s3fs_client.invalidate_cache()
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:] if proc.poll() else "slow"
+        time.sleep(0.2)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-3000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # an upload sent in full just before the kill may still land
+    s3fs_client.invalidate_cache()
+    assert not s3fs_client.exists("ftune/runs/killed/model.msgpack")
+    resumed = cli("finetune", "--train", "s3://ftune/train.parquet", "--output", "s3://ftune/runs/killed", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    step = int(resumed.stdout.split("resumed from s3://ftune/runs/killed/checkpoint.msgpack at step ")[1].split()[0])
+    assert 3 <= step < 60 and step % 3 == 0
+    assert s3fs_client.cat_file("ftune/runs/killed/metrics.jsonl").decode() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+    for a, b in zip(_params("s3://ftune/runs/killed/model.msgpack"), _params(str(tmp_path / "ref" / "model.msgpack"))):
+        np.testing.assert_array_equal(a, b)
