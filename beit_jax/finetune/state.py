@@ -81,7 +81,7 @@ def _settings_mismatch(path: str, saved: Optional[Dict[str, Any]], now: Dict[str
     it would not)."""
     if not saved:
         return ""
-    saved = dict(SETTINGS_ADDED, **saved)
+    saved = dict({k: v for k, v in SETTINGS_ADDED.items() if k in now}, **saved)  # the settings this run has
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(now.get(k)))]
     if not diff:
