@@ -338,6 +338,17 @@ def any_process(flag: bool) -> bool:
     return not bool(all_processes_agree(np.array([not flag]))[0])
 
 
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of `x` concatenated in process order (identity with one process);
+    every process must pass the same shape."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+    return gathered.reshape(-1, *np.shape(x)[1:])
+
+
 def broadcast_from_process_0(tree: Any) -> Any:
     """Process 0's copy of a pytree of host arrays, on every process (identity with one): what
     process 0 read from disk (a checkpoint on resume) becomes everyone's."""

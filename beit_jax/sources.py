@@ -63,6 +63,8 @@ class ImageRef:
     meta: Optional[Dict[str, Any]] = dataclasses.field(default=None, compare=False)  # passthrough columns
     index: int = -1  # the output row key (extract.Plan assigns it)
     seed: int = -1  # per-sample augmentation seed (training); -1: deterministic transform
+    members: Optional[Dict[str, bytes]] = dataclasses.field(default=None, compare=False, repr=False)  # a tar
+    # sample's other members (cls, json, txt, ...): where fine-tuning finds labels
 
     def read_bytes(self) -> bytes:
         if self.data is not None:
@@ -667,8 +669,9 @@ def stream_tar(shard: TarShard, block_size: int = 8 << 20) -> Iterator[ImageRef]
         images = [ext for ext in members if "." + ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
         if not images and not linked:
             yield ImageRef(sid, shard.url, error=f"{sid}: no image member (has {', '.join(sorted(members)) or 'none'})")
+        others = {ext: v for ext, v in members.items() if ext not in images}
         for ext in images:
-            yield ImageRef(sid if len(images) == 1 else f"{sid}.{ext}", shard.url, data=members[ext])
+            yield ImageRef(sid if len(images) == 1 else f"{sid}.{ext}", shard.url, data=members[ext], members=others)
         for n, name in enumerate(repeats, 2):
             yield ImageRef(f"{shard.url}/{name}#{n}", shard.url,
                            error=f"{shard.url}: member {name} appears again in the same sample (a webdataset "
@@ -792,25 +795,41 @@ def list_labelled(src: Union[str, os.PathLike], label_column: Optional[str] = No
       extract reads it: `path_column`, or path/url/...) and `label_column` (default: label, labels,
       class or target): class indices (ints; the names are then '0'..'K-1') or class names
       (strings; sorted). Rows in table order.
-    Webdataset shards are not read here (fine-tuning reads listed sources; `extract` streams shards).
+    Webdataset shards are streamed instead (`shard_urls`, `finetune.stream`).
     """
     src = os.fspath(src)
     fs, path = filesystem(src, storage_options)
     if any(c in src for c in "*?{") or _ext(path) in TABLE_EXTENSIONS or (not fs.isdir(path) and fs.exists(path)):
         return _labelled_table(src, label_column, path_column, storage_options)
     if is_tar_name(path) or (fs.isdir(path) and any(is_tar_name(p) for p in fs.ls(path, detail=False)[:1000])):
-        raise ValueError(f"{src}: webdataset shards cannot be fine-tuned on yet (fine-tuning reads an ImageFolder "
-                         f"folder/prefix or a table of paths and labels; `beit-jax extract` streams shards)")
+        raise ValueError(f"{src} is webdataset shards: they are streamed (shard_urls, finetune.stream), not listed")
     if label_column:
         raise ValueError(f"`label_column` is for tables; {src} is a folder (its classes are its sub-folders)")
     return list_image_folder(src, storage_options)
 
 
+def shard_urls(src: Union[str, os.PathLike], storage_options: Optional[Dict[str, Any]] = None) -> Optional[List[TarShard]]:
+    """The webdataset shards `src` names (a brace pattern, a glob, a .tar, or a folder/prefix of
+    tars), in list order; None when src is not shards."""
+    src = os.fspath(src)
+    names = expand_braces(src) if "{" in src else [src]
+    if not (all(is_tar_name(n) for n in names) or any(c in src for c in "*?[")):
+        fs, path = filesystem(src, storage_options)
+        if not (fs.isdir(path) and any(is_tar_name(p) for p in fs.ls(path, detail=False))):
+            return None
+    items = list_inputs(src, storage_options).items
+    shards = [i for i in items if isinstance(i, TarShard)]
+    if not shards:
+        return None
+    if len(shards) < len(items):
+        raise ValueError(f"{src} names both tar shards and other inputs: fine-tune on one kind at a time")
+    return shards
+
+
 def _labelled_table(src: str, label_column: Optional[str], path_column: Optional[str], storage_options):
     inputs = list_inputs(src, storage_options, path_column)
     if any(isinstance(item, Streamed) for item in inputs.items):
-        raise ValueError(f"{src}: webdataset shards cannot be fine-tuned on yet (name a table of paths and labels "
-                         f"or an ImageFolder)")
+        raise ValueError(f"{src} is webdataset shards: they are streamed (shard_urls, finetune.stream), not listed")
     col = label_column or next((c for c in LABEL_COLUMNS if c in inputs.columns), None)
     if col is None or col not in inputs.columns:
         wanted = repr(label_column) if label_column else ", ".join(LABEL_COLUMNS[:-1]) + " or " + LABEL_COLUMNS[-1]

@@ -1,12 +1,15 @@
 """Fine-tuning where the data lives (a real S3 server, moto, on 127.0.0.1): an ImageFolder under an
 S3 prefix and a parquet table of S3 URLs and class names train the same model as the local
 ImageFolder; the run folder on S3 (checkpoint, metrics, exports) resumes exactly, also after a
-SIGKILL."""
+SIGKILL; webdataset shards on S3 stream in an order that is the same on any number of processes
+and resume exactly from their checkpointed position."""
 from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import tarfile
 import subprocess
 import time
 
@@ -19,7 +22,7 @@ import beit_jax
 from beit_jax import finetune
 from beit_jax.sources import list_image_folder, list_labelled
 from beit_jax.storage import read_whole
-from tests.support import TINY, cli, cli_command, digits_folder, subprocess_env
+from tests.support import TINY, cli, cli_command, digits_folder, run_cli, run_process_pair, subprocess_env
 
 STEPS = dict(total_steps=6, warmup_steps=1, lr=1e-3)
 
@@ -44,6 +47,28 @@ def digits_s3(s3fs_client, tmp_path_factory):
     fs.pipe_file("ftune/train.parquet", buf.getvalue())
     fs.invalidate_cache()
     return local
+
+
+@pytest.fixture(scope="module")
+def shards_s3(digits_s3, s3fs_client, tmp_path_factory):
+    """The 30 digits as 6 webdataset shards of 5 samples (png + cls + json {"label": name}), written
+    with tarfile as webdataset's TarWriter lays them out, on local disk and under s3://ftune/shards/."""
+    refs, labels, classes = list_image_folder(digits_s3)
+    out = tmp_path_factory.mktemp("shards")
+    for k in range(6):
+        with tarfile.open(out / f"d-{k:05d}.tar", "w") as tf:
+            for i in range(5 * k, 5 * k + 5):
+                with open(refs[i].path, "rb") as f:
+                    png = f.read()
+                for ext, data in (("png", png), ("cls", str(int(labels[i])).encode()),
+                                  ("json", json.dumps({"label": classes[labels[i]]}).encode())):
+                    info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        s3fs_client.put_file(str(out / f"d-{k:05d}.tar"), f"ftune/shards/d-{k:05d}.tar")
+    (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    s3fs_client.invalidate_cache()
+    return out
 
 
 def _model():
@@ -115,7 +140,7 @@ def test_table_labels_and_refusals_name_the_file_and_column(s3fs_client, digits_
     with pytest.raises(ValueError, match=r"holes.parquet: 1 rows have no 'label' value \(first: .*\.png\)"):
         list_labelled(str(holes))
     s3fs_client.pipe_file("ftune/shards/a-00000.tar", b"")
-    with pytest.raises(ValueError, match="webdataset shards cannot be fine-tuned on yet"):
+    with pytest.raises(ValueError, match="is webdataset shards: they are streamed"):
         list_labelled("s3://ftune/shards/a-00000.tar")
     with pytest.raises(FileNotFoundError, match="s3://ftune/nothing"):
         list_labelled("s3://ftune/nothing")
@@ -147,3 +172,88 @@ def test_sigkilled_run_on_s3_resumes_from_the_bucket_exactly(digits_s3, s3fs_cli
     assert s3fs_client.cat_file("ftune/runs/killed/metrics.jsonl").decode() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     for a, b in zip(_params("s3://ftune/runs/killed/model.msgpack"), _params(str(tmp_path / "ref" / "model.msgpack"))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_shard_stream_is_the_same_on_any_process_count_covers_each_epoch_and_resumes(shards_s3):
+    from beit_jax.data import Decoder
+    from beit_jax.finetune.stream import SHARD_STRIDE, StreamedSource, streamed_train_batches
+    from beit_jax.sources import shard_urls
+    from beit_jax.transforms import create_transform
+
+    src = StreamedSource(tuple(shard_urls(str(shards_s3 / "d-{00000..00005}.tar"))), num_classes=10)
+    tf = create_transform(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bicubic")
+
+    def steps(n, processes, process, positions=None):
+        with Decoder(tf, workers=1) as dec:
+            it = streamed_train_batches(src, 8, 0, 4, 1, np.zeros((4, 3), np.int64) if positions is None else positions,
+                                        dec, (32, 32, 3), process, processes)
+            return [next(it) for _ in range(n)]
+
+    one = steps(10, 1, 0)
+    two = list(zip(steps(10, 2, 0), steps(10, 2, 1)))
+    for a, (b0, b1) in zip(one, two):  # process p of 2 serves rows [4p, 4p + 4): the same global batch
+        np.testing.assert_array_equal(a.images, np.concatenate([b0.images, b1.images]))
+        np.testing.assert_array_equal(a.labels, np.concatenate([b0.labels, b1.labels]))
+        np.testing.assert_array_equal(a.seeds, np.concatenate([b0.seeds, b1.seeds]))
+    # 4 streams over 6 shards: each epoch, streams 0 and 1 get 2 shards (10 samples), 2 and 3 one (5);
+    # their first epochs together hold every sample once, and every epoch draws new seeds
+    rows = np.stack([b.seeds for b in one])  # (step, 8): stream s fills columns 2s, 2s + 1
+    labels = np.stack([b.labels for b in one])
+    first_seeds, first_labels = [], []
+    for s_, per_epoch in ((0, 10), (1, 10), (2, 5), (3, 5)):
+        seeds, labs = rows[:, 2 * s_:2 * s_ + 2].reshape(-1), labels[:, 2 * s_:2 * s_ + 2].reshape(-1)
+        first_seeds += seeds[:per_epoch].tolist()
+        first_labels += labs[:per_epoch].tolist()
+        assert set(seeds[:per_epoch].tolist()).isdisjoint(seeds[per_epoch:2 * per_epoch].tolist())
+    assert len(set(first_seeds)) == 30 and sorted(first_labels) == sorted(list(range(10)) * 3)
+    # a resume from the positions after step 4 continues with step 5's batch exactly, on 1 or 2 processes
+    at4 = np.concatenate([b0.positions for b0, _ in two[3:4]] + [b1.positions for _, b1 in two[3:4]])
+    np.testing.assert_array_equal(at4, one[3].positions)
+    again = steps(6, 1, 0, positions=at4)
+    for a, b in zip(one[4:], again):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.seeds, b.seeds)
+    assert SHARD_STRIDE > 5
+
+
+def test_finetune_from_s3_shards_resumes_exactly_and_json_labels_equal_cls(shards_s3, s3fs_client, tmp_path):
+    common = ["--train", "s3://ftune/shards/d-{00000..00005}.tar", "--model", TINY, "--random-weights",
+              "--img-size", "32", "--batch-size", "8", "--steps", "8", "--warmup-steps", "1", "--lr", "1e-3",
+              "--checkpoint-every", "3", "--no-progress", "--streams", "2", "--shuffle-shards", "2"]
+    no_classes = cli("finetune", *common, "--output", str(tmp_path / "x"))
+    assert no_classes.returncode == 2 and "pass --num-classes K" in no_classes.stderr
+    cls = cli("finetune", *common, "--num-classes", "10", "--output", "s3://ftune/runs/shards-cls")
+    assert cls.returncode == 0, cls.stderr
+    by_name = cli("finetune", *common, "--label-key", "label", "--classes", str(shards_s3 / "classes.txt"),
+                  "--output", "s3://ftune/runs/shards-json")
+    assert by_name.returncode == 0, by_name.stderr
+    part = cli("finetune", *common, "--num-classes", "10", "--output", "s3://ftune/runs/shards-part", "--max-steps", "4")
+    assert part.returncode == 0, part.stderr
+    other = cli("finetune", *common, "--num-classes", "10", "--output", "s3://ftune/runs/shards-part", "--resume",
+                "--shuffle-shards", "3")
+    assert other.returncode == 2 and "shuffle_shards: checkpoint 2, now 3" in other.stderr
+    resumed = cli("finetune", *common, "--num-classes", "10", "--output", "s3://ftune/runs/shards-part", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    want = _params("s3://ftune/runs/shards-cls/model.msgpack")
+    for run in ("shards-json", "shards-part"):
+        for a, b in zip(_params(f"s3://ftune/runs/{run}/model.msgpack"), want):
+            np.testing.assert_array_equal(a, b)
+    curve = s3fs_client.cat_file("ftune/runs/shards-cls/metrics.jsonl")
+    assert s3fs_client.cat_file("ftune/runs/shards-part/metrics.jsonl") == curve
+    names = json.loads(s3fs_client.cat_file("ftune/runs/shards-json/classes.json"))
+    assert names == [f"digit_{i}" for i in range(10)]
+
+
+def test_two_processes_from_s3_shards_train_like_one(shards_s3, s3_env, tmp_path):
+    """1 process x 8 devices vs 2 processes x 4 devices (each reading only its streams' shards)."""
+    common = ["--train", "s3://ftune/shards/d-{00000..00005}.tar", "--num-classes", "10", "--model", TINY,
+              "--random-weights", "--img-size", "32", "--batch-size", "8", "--steps", "4", "--warmup-steps", "1",
+              "--lr", "1e-3", "--checkpoint-every", "2", "--workers", "1", "--no-progress", "--streams", "2"]
+    single = run_cli("finetune", *common, "--output", "s3://ftune/runs/mh-single", devices=8, env_extra=s3_env)
+    assert single.returncode == 0, single.stderr
+    run_process_pair(lambda i: ["finetune", *common, "--output",
+                                "s3://ftune/runs/mh-multi" if i == 0 else str(tmp_path / "p1")], tmp_path, "shards",
+                     env_extra=s3_env)
+    for a, b in zip(_params("s3://ftune/runs/mh-multi/model.msgpack"), _params("s3://ftune/runs/mh-single/model.msgpack")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not os.path.exists(tmp_path / "p1") or not os.listdir(tmp_path / "p1")

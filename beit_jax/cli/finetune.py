@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from .options import (add_config_flags, add_distributed_options, add_dtype_option, add_model_options, distributed,
-                      dtype_of, load_model, positive_int, report_errors)
+                      dtype_of, load_model, positive_int, read_class_names, report_errors)
 
 DEFAULT_BATCH = 32
 DEFAULT_DROP_PATH = 0.1
@@ -29,13 +29,28 @@ def register(sub) -> None:
                     "--num-processes, --process-id); --batch-size is the global batch, process 0 writes OUTPUT.")
     p.add_argument("--train", required=True, metavar="SRC",
                    help="training images: an ImageFolder (ROOT/CLASS/IMAGE) folder or bucket prefix (s3://, gs://), "
-                        "or a table (.parquet/.csv/.jsonl, a glob or {a,b} list of them) of paths/URLs and labels")
+                        "a table (.parquet/.csv/.jsonl, a glob or {a,b} list of them) of paths/URLs and labels, or "
+                        "webdataset shards ('gs://b/train-{00000..01023}.tar', streamed)")
     p.add_argument("--val", metavar="SRC", help="validation images, as --train (top-1/top-5 reported; classes matched "
                                                 "to the training classes by name)")
     p.add_argument("--label-column", default=None,
                    help="tables: the column of labels, class indices or names (default: label, labels, class or target)")
     p.add_argument("--path-column", default=None,
                    help="tables: the column of image paths/URLs (default: path, url, image_path or filepath)")
+    p.add_argument("--label-key", default="cls",
+                   help="shards: the member (cls, label.txt, ...) or .json field holding each sample's label, a class "
+                        "index or name (default: %(default)s)")
+    p.add_argument("--classes", metavar="FILE", default=None,
+                   help="shards: class names, one per line in label order (needed when labels are names; names the "
+                        "exported classes)")
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="shards with class-index labels: the number of classes (default: the --classes count)")
+    p.add_argument("--streams", type=positive_int, default=None,
+                   help="shards: logical streams, fixed for the run (default: the process count); a resume works on "
+                        "any process count that divides it, and --batch-size must be a multiple of it")
+    p.add_argument("--shuffle-shards", type=positive_int, default=4,
+                   help="shards: each stream shuffles the samples of this many shards at a time (seeded; the "
+                        "shuffle buffer: memory grows with it) (default: %(default)s)")
     p.add_argument("--output", "-o", required=True,
                    help="output folder, local or a bucket URL (s3://, gs://; written by process 0, every file whole)")
     add_model_options(p, img_size=True)
@@ -95,10 +110,21 @@ def _run(args) -> int:
     import jax
 
     from .. import finetune
-    from ..sources import list_labelled
+    from ..sources import list_labelled, shard_urls
 
-    refs, _, classes = list_labelled(args.train, args.label_column, args.path_column)
-    cfg, batch, drop_path, note = settings_from_args(args, len(refs), args.model)
+    names = None
+    if shard_urls(args.train) is None:
+        refs, _, classes = list_labelled(args.train, args.label_column, args.path_column)
+        count = len(refs)
+    else:  # streamed: not counted, classes from --classes / --num-classes
+        names = read_class_names(args.classes) if args.classes else None
+        if not (names or args.num_classes):
+            raise ValueError(f"{args.train} is webdataset shards: pass --num-classes K (class-index labels) or "
+                             f"--classes FILE (class names, one per line)")
+        if names and args.num_classes and len(names) != args.num_classes:
+            raise ValueError(f"--classes names {len(names)} classes but --num-classes is {args.num_classes}")
+        classes, count = names or [str(i) for i in range(args.num_classes)], None
+    cfg, batch, drop_path, note = settings_from_args(args, count, args.model)
     main = jax.process_index() == 0
     if note and main:
         print(note + " (flags given explicitly override these)", flush=True)
@@ -119,7 +145,8 @@ def _run(args) -> int:
                          batch_size=batch, cfg=cfg, workers=args.workers,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          max_steps=args.max_steps, eval_every=args.eval_every, progress=not args.no_progress,
-                         label_column=args.label_column, path_column=args.path_column)
+                         label_column=args.label_column, path_column=args.path_column, label_key=args.label_key,
+                         classes=names, streams=args.streams, shuffle_shards=args.shuffle_shards)
     if main:
         print(json.dumps(out, default=float))
     return 0

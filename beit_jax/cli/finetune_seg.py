@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from .options import (add_config_flags, add_distributed_options, add_dtype_option, distributed, dtype_of,
-                      non_negative_int, positive_int, report_errors)
+                      non_negative_int, positive_int, read_class_names, report_errors)
 
 DEFAULT_BATCH = 16
 
@@ -69,14 +69,6 @@ def run(args) -> int:
         return report_errors(_run, args)
 
 
-def _class_names(path):
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise ValueError(f"{path} names no classes (one name per line)")
-    return names
-
-
 def _run(args) -> int:
     import json
 
@@ -86,7 +78,7 @@ def _run(args) -> int:
     from ..models.segmentation import BeitSegmenter
     from ..segmentation import create_segmentation_model
 
-    names = _class_names(args.classes) if args.classes else None
+    names = read_class_names(args.classes) if args.classes else None
     num_classes = args.num_classes or (len(names) if names else None)
     if names and len(names) != num_classes:
         raise ValueError(f"--classes {args.classes} names {len(names)} classes but --num-classes is {num_classes}")

@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import re
 import sys
-from typing import Optional
+from typing import List, Optional
 
 DEFAULT_MODEL = "beit_base_patch16_224"
 
@@ -270,3 +270,12 @@ def load_model(args, **kwargs):
     if args.random_weights:
         return create_model(args.model, **kwargs)
     return create_model(args.model, pretrained=args.checkpoint is None, checkpoint_path=args.checkpoint, **kwargs)
+
+
+def read_class_names(path: str) -> List[str]:
+    """A --classes FILE: class names, one per line in label order."""
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f"{path} names no classes (one name per line)")
+    return names

@@ -18,7 +18,7 @@ from .._io import atomic_write
 from ..checkpoints import save_flax_checkpoint
 from ..data import Decoder, stream_batches
 from ..publish import save_hub_folder
-from ..sources import list_labelled
+from ..sources import list_labelled, shard_urls
 from ..storage import Folder, join_url, staged_folder, url_exists
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
@@ -26,6 +26,7 @@ from .order import batch_mix_rng, eval_slots, train_batches
 from .state import (MetricsLog, _check_output, _classes_mismatch, _saved_step, _settings_mismatch, create_train_state,
                     restore_checkpoint, save_checkpoint)
 from .steps import Trainer, mix_arrays
+from .stream import StreamedSource, check_streams, streamed_train_batches
 
 
 def evaluate(trainer: Trainer, params, refs, labels, batch_size, decoder, image_shape,
@@ -67,6 +68,10 @@ class _Run:
     metrics: Optional[MetricsLog] = None
     label_column: Optional[str] = None
     path_column: Optional[str] = None
+    source: Optional[StreamedSource] = None  # webdataset shards (refs/labels are then empty)
+    streams: int = 0
+    shuffle_shards: int = 0
+    positions: Optional[np.ndarray] = None  # (streams, 3): every stream's (epoch, group, offset)
 
     @property
     def ckpt(self) -> str:
@@ -81,13 +86,19 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
           batch_size: int = 32, cfg: Optional[TrainConfig] = None, workers: int = 2,
           checkpoint_every: int = 100, resume: bool = False, max_steps: Optional[int] = None,
           eval_every: Optional[int] = None, progress: bool = True, log: Callable = print,
-          label_column: Optional[str] = None, path_column: Optional[str] = None) -> Dict[str, Any]:
+          label_column: Optional[str] = None, path_column: Optional[str] = None, label_key: str = "cls",
+          classes: Optional[List[str]] = None, streams: Optional[int] = None,
+          shuffle_shards: int = 4) -> Dict[str, Any]:
     """Fine-tune `model` with a global batch of `batch_size` over every device of every process.
 
-    train_dir / val_dir: an ImageFolder (ROOT/CLASS/IMAGE) on local disk or a bucket prefix, or a
-    table (.parquet/.csv/.jsonl, globs and {a,b} lists too) of image paths/URLs (`path_column`) and
-    labels (`label_column`: class indices or names); see sources.list_labelled. output_dir: a local
-    folder or any fsspec URL (s3://, gs://); every file in it is written whole. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
+    train_dir: an ImageFolder (ROOT/CLASS/IMAGE) on local disk or under a bucket prefix, or a table
+    (.parquet/.csv/.jsonl, globs and {a,b} lists too) of image paths/URLs (`path_column`) and labels
+    (`label_column`: class indices or names), see sources.list_labelled; or webdataset shards
+    ('s3://b/train-{00000..01023}.tar', a glob, or a folder of tars), streamed (see finetune.stream:
+    the label from each sample's `label_key` member or .json field; `classes` names the classes
+    when labels are names; `streams` and `shuffle_shards` set the order). val_dir: a folder or a
+    table. output_dir: a local folder or any fsspec URL (s3://, gs://); every file in it is
+    written whole. Writes output_dir/{checkpoint.msgpack, model.msgpack, model.json, classes.json,
     metrics.jsonl} (and model_ema.msgpack with an EMA) and output_dir/hub/ (timm's Hub layout:
     config.json, model.safetensors, README.md; see beit_jax.publish) from process 0 only; returns the final
     metrics. max_steps stops early (as a crash would; resume=True continues: process 0 reads the
@@ -97,7 +108,7 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
     checkpoints, validation), `_export` (the final weights, once every step is done).
     """
     run = _open_run(model, variables, train_dir, output_dir, batch_size, cfg or TrainConfig(), resume, log,
-                    label_column, path_column)
+                    label_column, path_column, label_key, classes, streams, shuffle_shards)
     state, last = _loop(run, model, val_dir, workers, checkpoint_every, max_steps, eval_every, progress)
     if int(state.step) >= run.cfg.total_steps and run.main:
         _export(run, model, state, last)
@@ -107,12 +118,25 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
 
 def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int, cfg: TrainConfig,
               resume: bool, log: Callable, label_column: Optional[str] = None,
-              path_column: Optional[str] = None) -> _Run:
+              path_column: Optional[str] = None, label_key: str = "cls", class_names: Optional[List[str]] = None,
+              streams: Optional[int] = None, shuffle_shards: int = 4) -> _Run:
     """Check everything that can be refused, then the train state: fresh, or the checkpoint's
     (process 0 reads it, the output folder need not be shared, and hands it on)."""
     main = jax.process_index() == 0
     log = log if main else (lambda *a, **k: None)
-    refs, labels, classes = list_labelled(train_dir, label_column, path_column)
+    shards = shard_urls(train_dir)
+    source = None
+    if shards is not None:
+        if label_column or path_column:
+            raise ValueError(f"{train_dir} is webdataset shards: their labels come from `label_key` (a member or "
+                             f".json field), not `label_column` / `path_column` (those are for tables)")
+        if shuffle_shards < 1:
+            raise ValueError(f"`shuffle_shards` must be 1 or more, got {shuffle_shards}")
+        source = StreamedSource(tuple(shards), label_key, tuple(class_names) if class_names else None,
+                                None if class_names else model.num_classes)
+        refs, labels, classes = [], np.zeros((0,), np.int32), source.class_names
+    else:
+        refs, labels, classes = list_labelled(train_dir, label_column, path_column)
     if len(classes) != model.num_classes:
         raise ValueError(f"{train_dir} has {len(classes)} classes but the model head has {model.num_classes}: "
                          f"create the model with num_classes={len(classes)}")
@@ -129,23 +153,40 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
         raise ValueError(refusal or "process 0 refused the output folder (see its error)")
     tx = make_optimizer(model, variables, cfg)
     state = create_train_state(model, variables, tx, cfg.seed, ema=cfg.model_ema_decay is not None)
+    settings = _settings(cfg, batch_size)
+    if source is not None:
+        settings.update(shuffle_shards=shuffle_shards, shards=source.fingerprint())
     run = _Run(cfg, batch_size, output_dir, main, log, resolve_data_config(model), refs, labels, classes, state,
-               _settings(cfg, batch_size), label_column=label_column, path_column=path_column)
-    found = False
+               settings, label_column=label_column, path_column=path_column, source=source,
+               shuffle_shards=shuffle_shards)
+    found, saved_streams, saved_positions = False, 0, None
     if resume:
         host, status, problem = jax.device_get(state), np.int32(0), ""
         if main and url_exists(run.ckpt):
             host, extra = restore_checkpoint(run.ckpt, host)
             problem = (_settings_mismatch(run.ckpt, extra.get("settings"), run.settings)
                        or _classes_mismatch(run.ckpt, extra.get("classes"), classes))
+            if source is not None and not problem:
+                saved_streams = int(extra.get("streams", 0))
+                saved_positions = np.asarray(extra.get("stream_positions", []), np.int64).reshape(-1, 3)
+                if streams is not None and streams != saved_streams:
+                    problem = (f"{run.ckpt} was written with streams={saved_streams}, now {streams}: a streamed run "
+                               f"keeps its streams (leave `streams` unset to continue it)")
             status = np.int32(2 if problem else 1)
-        host, status = par.broadcast_from_process_0((host, status))
+        host, status, saved_streams = par.broadcast_from_process_0((host, status, np.int32(saved_streams)))
         if int(status) == 2:
             raise ValueError(problem or "process 0 refused to resume from its checkpoint (see its error)")
         found = int(status) == 1
         if found:
             run.state = host
             log(f"resumed from {run.ckpt} at step {int(host.step)}")
+            if source is not None:
+                template = saved_positions if main else np.zeros((int(saved_streams), 3), np.int64)
+                saved_positions = par.broadcast_from_process_0(template)
+    if source is not None:
+        run.streams = int(saved_streams) if found else (streams or jax.process_count())
+        check_streams(run.streams, len(source.shards), batch_size, jax.process_count())
+        run.positions = saved_positions if found else np.zeros((run.streams, 3), np.int64)
     # a resumed run drops the lines past its checkpoint; a fresh one (or a resumed run that had not
     # reached its first checkpoint) starts the file anew
     run.metrics = MetricsLog(run.metrics_path, int(run.state.step) if found else 0, write=main)
@@ -186,7 +227,15 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
         return out
 
     with Decoder(train_tf, workers=workers, window=2 * (rows.stop - rows.start)) as dec:
-        stream = train_batches(run.refs, run.labels, batch_size, cfg.seed, start, dec, image_shape, rows)
+        if run.source is None:
+            stream = train_batches(run.refs, run.labels, batch_size, cfg.seed, start, dec, image_shape, rows)
+        else:
+            per = batch_size // jax.process_count()
+            if (rows.start, rows.stop) != (jax.process_index() * per, (jax.process_index() + 1) * per):
+                raise RuntimeError(f"this process feeds rows {rows.start}-{rows.stop} of each global batch, not "
+                                   f"its streams' rows: streamed training needs processes in mesh order")
+            stream = streamed_train_batches(run.source, batch_size, cfg.seed, run.streams, run.shuffle_shards,
+                                            run.positions, dec, image_shape, jax.process_index(), jax.process_count())
         for step in range(start, end):
             b = next(stream)
             for path, reason in b.errors:  # any process: its own images
@@ -212,9 +261,13 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
             if val and eval_every and done % eval_every == 0:
                 last.update(validate())
                 log(f"step {done}: val top1 {last['val']['top1']:.3f} top5 {last['val']['top5']:.3f}")
-            if (done % checkpoint_every == 0 or done == end) and main:
-                run.metrics.flush()  # first: lines past a checkpoint are dropped on resume, missing ones would be lost
-                save_checkpoint(run.ckpt, state, {"step": done, "classes": run.classes, "settings": run.settings})
+            if done % checkpoint_every == 0 or done == end:
+                extra = {"step": done, "classes": run.classes, "settings": run.settings}
+                if run.source is not None:  # every process's streams (a collective: all processes take part)
+                    extra.update(streams=run.streams, stream_positions=par.gather_rows(b.positions).tolist())
+                if main:
+                    run.metrics.flush()  # first: lines past a checkpoint are dropped on resume, missing ones would be lost
+                    save_checkpoint(run.ckpt, state, extra)
     if bar is not None:
         bar.close()
     if val and "val" not in last:
@@ -261,6 +314,9 @@ class TrainingDivergedError(RuntimeError):
 def _val_by_train_classes(val_dir: str, classes: List[str], label_column: Optional[str] = None,
                           path_column: Optional[str] = None):
     """The validation set with labels matched to the training classes by name."""
+    if shard_urls(val_dir) is not None:
+        raise ValueError(f"{val_dir} is webdataset shards: validation reads an ImageFolder or a table (every image "
+                         f"exactly once, counted exactly); give `val_dir` one of those")
     refs, labels, val_classes = list_labelled(val_dir, label_column, path_column)
     unknown = [c for c in val_classes if c not in classes]
     if unknown:

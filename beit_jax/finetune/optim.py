@@ -218,20 +218,24 @@ def recipe_key(model) -> Tuple[str, str]:
     return family, ("large" if model.embed_dim >= 1024 else "base")
 
 
-def recipe_settings(name: str, model, num_train_images: int, batch_size: Optional[int] = None,
+def recipe_settings(name: str, model, num_train_images: Optional[int], batch_size: Optional[int] = None,
                     steps: Optional[int] = None) -> Tuple[Dict[str, Any], int, float, str]:
     """The published fine-tuning settings for `model`'s family and size.
 
     Returns (TrainConfig keyword arguments, global batch, drop path rate, a line saying what was
     chosen). The lr is published for a global batch of 1024: another batch scales it linearly.
-    Epochs become steps at this batch (`steps` overrides them; warmup keeps its fraction).
+    Epochs become steps at this batch (`steps` overrides them; warmup keeps its fraction). A
+    streamed source is not counted (num_train_images None): it needs `steps`.
     """
     if name != "beit":
         raise ValueError(f"unknown recipe {name!r} (known: beit)")
     key = recipe_key(model)
     r = RECIPES[key]
     batch = batch_size or RECIPE_BATCH
-    steps_per_epoch = num_train_images // batch
+    if num_train_images is None and not steps:
+        raise ValueError("webdataset shards are streamed, not counted: the recipe's epochs cannot become steps; "
+                         "pass `steps` (CLI: --steps)")
+    steps_per_epoch = num_train_images // batch if num_train_images is not None else None
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train_images} training images is less than one batch of {batch}: pass a smaller "
                          f"`batch_size`")
@@ -241,7 +245,8 @@ def recipe_settings(name: str, model, num_train_images: int, batch_size: Optiona
                total_steps=total, warmup_steps=warmup)
     note = (f"recipe beit ({key[0]} {key[1]}): lr {r['lr']:g} at batch {RECIPE_BATCH} -> {cfg['lr']:.3g} at batch "
             f"{batch}, layer decay {r['layer_decay']}, drop path {r['drop_path']}, "
-            f"{total} steps ({total / steps_per_epoch:.3g} epochs), {warmup} warmup, aa {cfg['aa']}, "
+            f"{total} steps" + (f" ({total / steps_per_epoch:.3g} epochs)" if steps_per_epoch else "")
+            + f", {warmup} warmup, aa {cfg['aa']}, "
             f"mixup {cfg['mixup']}, cutmix {cfg['cutmix']}, smoothing {cfg['label_smoothing']}, "
             f"reprob {cfg['reprob']}")
     return cfg, batch, r["drop_path"], note

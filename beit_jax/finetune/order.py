@@ -38,6 +38,7 @@ class TrainBatch:
     seeds: np.ndarray  # (b,) int32 per-sample augmentation seeds
     epoch: int
     errors: list  # (path, reason) of the images that failed to decode
+    positions: Optional[np.ndarray] = None  # streamed sources: this process's streams' positions after it
 
 
 def train_batches(refs, labels, batch_size: int, seed: int, start_step: int, decoder, image_shape,
