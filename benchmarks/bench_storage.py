@@ -13,6 +13,7 @@ float32 and float16 storage. Writes benchmarks/results/storage.json and storage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -62,11 +63,18 @@ def main():
     if not SAMPLE.is_dir():
         sys.exit(f"{SAMPLE} not found")
     work = Path(tempfile.mkdtemp(prefix="beit-storage-"))
+    with moto_environment(work):
+        run(args, work)
+
+
+@contextlib.contextmanager
+def moto_environment(work: Path):
+    """moto's S3 server on loopback for the block, and the environment an S3 user sets for it."""
     proc, port = start_moto(work / "moto.log")
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     try:
-        run(args, work)
+        yield port
     finally:
         proc.terminate()
 

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import sys
 
-from .options import (add_config_flags, add_distributed_options, add_dtype_option, add_model_options, distributed,
-                      dtype_of, load_model, positive_int, read_class_names, report_errors)
+from .options import (add_config_flags, add_dtype_option, add_model_options, add_run_options, distributed, dtype_of,
+                      load_model, positive_int, read_class_names, report_errors)
 
 DEFAULT_BATCH = 32
 DEFAULT_DROP_PATH = 0.1
@@ -15,9 +15,11 @@ DEFAULT_DROP_PATH = 0.1
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune on an ImageFolder (layer-decay AdamW, the BEiT recipe, multi-host)",
+        "finetune", help="fine-tune on an ImageFolder, a table or webdataset shards, local or in a bucket "
+                         "(layer-decay AdamW, the BEiT recipe, multi-host)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune a BEiT on ROOT/CLASS/IMAGE folders with AdamW + layer-wise lr decay, warmup +\n"
+        description="Fine-tune a BEiT on ROOT/CLASS/IMAGE folders, tables of paths and labels, or webdataset\n"
+                    "shards (local or s3://, gs://) with AdamW + layer-wise lr decay, warmup +\n"
                     "cosine, label smoothing and drop path; optionally RandAugment (--aa), random erasing\n"
                     "(--reprob), mixup/cutmix (--mixup/--cutmix) and a weights EMA (--model-ema-decay), or all\n"
                     "of BEiT's published settings for the model's size (--recipe beit).\n\n"
@@ -69,13 +71,7 @@ def register(sub) -> None:
     from ..finetune import TrainConfig
 
     add_config_flags(p, TrainConfig, none_defaults=True)
-    p.add_argument("--workers", type=positive_int, default=2, help="decode threads per host (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--eval-every", type=positive_int, default=None,
-                   help="steps between validations (default: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    add_distributed_options(p)
+    add_run_options(p, checkpoint_every=100)
     p.set_defaults(run=run)
 
 

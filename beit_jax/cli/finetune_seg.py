@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import os
 
-from .options import (add_config_flags, add_distributed_options, add_dtype_option, distributed, dtype_of,
-                      non_negative_int, positive_int, read_class_names, report_errors)
+from .options import (add_config_flags, add_dtype_option, add_run_options, distributed, dtype_of, positive_int,
+                      read_class_names, report_errors)
 
 DEFAULT_BATCH = 16
 
@@ -54,13 +54,7 @@ def register(sub) -> None:
     from ..finetune.seg import SegTrainConfig
 
     add_config_flags(p, SegTrainConfig, none_defaults=True)
-    p.add_argument("--workers", type=non_negative_int, default=2, help="decode threads per host (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=1000,
-                   help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between validations (default: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    add_distributed_options(p)
+    add_run_options(p, checkpoint_every=1000, workers_minimum=0)
     p.set_defaults(run=run)
 
 

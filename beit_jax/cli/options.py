@@ -279,3 +279,16 @@ def read_class_names(path: str) -> List[str]:
     if not names:
         raise ValueError(f"{path} names no classes (one name per line)")
     return names
+
+
+def add_run_options(p: argparse.ArgumentParser, *, checkpoint_every: int, workers_minimum: int = 1) -> None:
+    """The training loop's flags (fine-tuning and segmentation fine-tuning): decode workers,
+    checkpoint and validation cadence, --resume, --no-progress, and the multi-host flags."""
+    p.add_argument("--workers", type=positive_int if workers_minimum else non_negative_int, default=2,
+                   help="decode threads per host (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
+                   help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between validations (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.msgpack")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_distributed_options(p)

@@ -20,8 +20,9 @@ EMA; evaluation runs on every process with exact top-1/top-5 counts.
 
 One module per job: `optim` (parameter groups, TrainConfig, recipes, the optimizer), `state`
 (train state, checkpoints, the output folder's checks), `order` (data order and per-sample seeds),
-`steps` (the jitted train/eval steps, Trainer), `loop` (`train`: open the run, the loop, the
-export; `evaluate`), `probe` (`linear_probe`). Everything is importable from here.
+`steps` (the jitted train/eval steps, Trainer), `stream` (webdataset shards: order and positions),
+`loop` (`train`: open the run, the loop, the export; `evaluate`), `probe` (`linear_probe`).
+Everything is importable from here.
 """
 from __future__ import annotations
 

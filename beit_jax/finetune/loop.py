@@ -216,7 +216,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
         bar = tqdm(total=cfg.total_steps, initial=start, unit="step", desc="finetune", dynamic_ncols=True)
     last: Dict[str, Any] = {}
     failed = 0
-    t0 = time.perf_counter()
+    t0 = t_first = t_last = time.perf_counter()
 
     def validate():
         out = {}
@@ -245,6 +245,7 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
             mix = mix_arrays(*mixer.draw(batch_mix_rng(cfg.seed, step), batch_size, *image_shape[:2])) if mixer else None
             state, m = trainer.step(state, b.images, b.labels, b.weights, boxes, b.seeds, mix)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
+            t_last = time.perf_counter()  # this step is done (its checkpoint, if any, comes after)
             if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
                 kept = (f"the last good checkpoint ({run.ckpt}, step {_saved_step(run.ckpt)}) is kept"
                         if main and url_exists(run.ckpt) else "no checkpoint had been written yet")
@@ -252,6 +253,8 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
                     f"the loss or the parameters became non-finite at step {step + 1} (loss {m['loss']}): training "
                     f"diverged (is `lr={cfg.lr}` too high, or an input broken?). Stopped before saving anything "
                     f"of that step; {kept}; nothing was exported.")
+            if step == start:
+                t_first = t_last  # compiled and the input pipeline filled: steady state from here
             last = dict(step=step + 1, epoch=b.epoch, **m)
             run.metrics.add(dict(step=step + 1, epoch=b.epoch, loss=m["loss"], accuracy=m["accuracy"]))
             if bar is not None:
@@ -272,8 +275,10 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
         bar.close()
     if val and "val" not in last:
         last.update(validate())
-    last.update(seconds=time.perf_counter() - t0, processes=jax.process_count(), devices=jax.device_count(),
-                local_batch=rows.stop - rows.start, train_images_failed_here=failed)
+    # steady state: the steps after the first, to the end of the last one (without the final checkpoint write)
+    steady = (end - start - 1) * batch_size / (t_last - t_first) if end - start > 1 and t_last > t_first else None
+    last.update(seconds=time.perf_counter() - t0, steady_images_per_sec=steady, processes=jax.process_count(),
+                devices=jax.device_count(), local_batch=rows.stop - rows.start, train_images_failed_here=failed)
     return state, last
 
 

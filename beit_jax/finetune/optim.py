@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from .. import augment
-from .._config import option
+from .._config import check_numbers, option
 from ..mapping import flax_path_to_timm_key
 
 
@@ -148,17 +148,8 @@ class TrainConfig:
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)
         self.aa = self.aa or None
-        bad = []
-        for name in ("lr", "min_lr", "weight_decay", "layer_decay", "label_smoothing", "b1", "b2", "hflip",
-                     "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                bad.append(f"{name}={value} (must be a finite number >= 0)")
-        if not self.lr > 0:
-            bad.append(f"lr={self.lr} (must be > 0)")
-        if self.total_steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
-            bad.append(f"steps={self.total_steps}, grad_accum={self.grad_accum}, warmup_steps={self.warmup_steps} "
-                       f"(need steps >= 1, grad_accum >= 1, warmup_steps >= 0)")
+        bad = check_numbers(self, ("lr", "min_lr", "weight_decay", "layer_decay", "label_smoothing", "b1", "b2",
+                                   "hflip", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob"))
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             bad.append(f"crop_scale={self.crop_scale} (need 0 < min <= max <= 1)")
         if not (self.label_smoothing < 1 and self.hflip <= 1 and self.b1 < 1 and self.b2 < 1):

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from .. import parallel as par
-from .._config import option
+from .._config import check_numbers, option
 from ..models.segmentation import BeitSegmenter, resize_bilinear
 from ..segmentation import MODES, SEG_MEAN, SEG_STD, device_runner, save_hf_folder, segment_logits
 from ..transforms import load_image, normalize
@@ -83,17 +83,8 @@ class SegTrainConfig:
 
     def __post_init__(self):
         self.scale_range = tuple(float(v) for v in self.scale_range)
-        bad = []
-        for name in ("lr", "min_lr", "power", "weight_decay", "layer_decay", "warmup_ratio", "b1", "b2", "hflip",
-                     "cat_max_ratio"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                bad.append(f"{name}={v} (must be a finite number >= 0)")
-        if not self.lr > 0:
-            bad.append(f"lr={self.lr} (must be > 0)")
-        if self.total_steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
-            bad.append(f"steps={self.total_steps}, grad_accum={self.grad_accum}, warmup_steps={self.warmup_steps} "
-                       f"(need steps >= 1, grad_accum >= 1, warmup_steps >= 0)")
+        bad = check_numbers(self, ("lr", "min_lr", "power", "weight_decay", "layer_decay", "warmup_ratio", "b1", "b2",
+                                   "hflip", "cat_max_ratio"))
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             bad.append(f"scale_range={self.scale_range} (need 0 < min <= max)")
         if not (self.hflip <= 1 and self.b1 < 1 and self.b2 < 1 and self.warmup_ratio <= 1):
