@@ -234,7 +234,12 @@ def test_finetune_from_s3_shards_resumes_exactly_and_json_labels_equal_cls(shard
     assert other.returncode == 2 and "shuffle_shards: checkpoint 2, now 3" in other.stderr
     resumed = cli("finetune", *common, "--num-classes", "10", "--output", "s3://ftune/runs/shards-part", "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    local = cli("finetune", *common[2:], "--train", str(shards_s3 / "d-{00000..00005}.tar"), "--num-classes", "10",
+                "--output", str(tmp_path / "local"))  # the same shards read from disk: the same stream
+    assert local.returncode == 0, local.stderr
     want = _params("s3://ftune/runs/shards-cls/model.msgpack")
+    for a, b in zip(_params(str(tmp_path / "local" / "model.msgpack")), want):
+        np.testing.assert_array_equal(a, b)
     for run in ("shards-json", "shards-part"):
         for a, b in zip(_params(f"s3://ftune/runs/{run}/model.msgpack"), want):
             np.testing.assert_array_equal(a, b)
