@@ -839,7 +839,8 @@ def _labelled_table(src: str, label_column: Optional[str], path_column: Optional
     if not refs:
         raise ValueError(f"{src}: the table has no rows")
     values = [(r.meta or {}).get(col) for r in refs]
-    missing = [r.id for r, v in zip(refs, values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    missing = [r.id for r, v in zip(refs, values)
+               if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())]
     if missing:
         raise ValueError(f"{src}: {len(missing)} rows have no {col!r} value (first: {missing[0]}): give every "
                          f"row a label, or drop those rows")
@@ -850,7 +851,7 @@ def _labelled_table(src: str, label_column: Optional[str], path_column: Optional
             raise ValueError(f"{src}: {refs[bad].id} has label {labels[bad]}: class indices start at 0")
         classes = [str(i) for i in range(int(labels.max()) + 1)]
     else:
-        names = [str(v) for v in values]
+        names = [str(v).strip() for v in values]
         classes = sorted(set(names))
         index = {c: i for i, c in enumerate(classes)}
         labels = np.asarray([index[n] for n in names], np.int64)
@@ -877,23 +878,29 @@ def list_image_folder(root: Union[str, os.PathLike],
         by_class: Dict[str, List[str]] = {}
         for p in fs.find(path):
             rel = p[len(base):] if p.startswith(base) else None
-            if rel and "/" in rel and is_image_name(rel):
+            if rel and "/" in rel and is_image_name(rel) and not rel.startswith("."):
                 by_class.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
         if not by_class:
             raise ValueError(f"{root}: no class sub-folders with images (expected ROOT/CLASS/IMAGE files)")
-        classes = sorted(by_class)
+        classes = sorted(by_class)  # a prefix holds no empty folders: every class listed has images
         refs = [_ref(fs, base + c + "/" + r) for c in classes for r in sorted(by_class[c], key=_walk_order)]
         labels = [k for k, c in enumerate(classes) for _ in by_class[c]]
         return refs, np.asarray(labels, np.int32), classes
     root = path if root.startswith("file://") else root
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    # hidden folders (.ipynb_checkpoints, .cache) are not classes
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/IMAGE files)")
-    refs, labels = [], []
+    refs, labels, empty = [], [], []
     for label, name in enumerate(classes):
         found = _walk_local(os.path.join(root, name))[0]
+        if not found:
+            empty.append(name)
         refs.extend(found)
         labels.extend([label] * len(found))
+    if empty:
+        raise ValueError(f"{root}: class folders without images: {empty[:10]} (a class no image teaches; the model's "
+                         f"head would be sized for it): remove them or add their images")
     return refs, np.asarray(labels, np.int32), classes

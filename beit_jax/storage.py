@@ -78,6 +78,22 @@ def join_url(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def check_bucket(url: str, storage_options: Optional[Dict[str, Any]] = None) -> None:
+    """Refuse an output URL whose bucket does not exist (or cannot be seen), before any work."""
+    fs, path = filesystem(url, storage_options)
+    if is_local_fs(fs):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.invalidate_cache(bucket)
+        ok = fs.exists(bucket)
+    except OSError:
+        ok = False
+    if not ok:
+        raise FileNotFoundError(f"`output_dir` {url}: its bucket {protocol_of(url)}://{bucket} does not exist or "
+                                f"cannot be read with these credentials: create it (or fix the credentials) first")
+
+
 def write_whole(url: str, data: bytes, storage_options: Optional[Dict[str, Any]] = None) -> None:
     """Write the file at `url` whole: locally a temp file renamed over it, on a bucket one PUT (an
     object is replaced complete or not at all), so a reader or a crash never sees half of it and

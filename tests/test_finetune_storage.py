@@ -262,3 +262,68 @@ def test_two_processes_from_s3_shards_train_like_one(shards_s3, s3_env, tmp_path
     for a, b in zip(_params("s3://ftune/runs/mh-multi/model.msgpack"), _params("s3://ftune/runs/mh-single/model.msgpack")):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not os.path.exists(tmp_path / "p1") or not os.listdir(tmp_path / "p1")
+
+
+def test_refusals_name_what_changed_or_what_is_wrong(digits_s3, shards_s3, s3_env, tmp_path):
+    """What a newcomer met: a resume that changed the model or the data, a run folder of the other
+    kind, unreadable training data, bad label files, a missing bucket: each one clear line, exit 2."""
+    import shutil
+
+    run = ["--model", TINY, "--random-weights", "--img-size", "32", "--batch-size", "8", "--steps", "4",
+           "--warmup-steps", "1", "--no-progress"]
+    out = str(tmp_path / "run")
+    first = cli("finetune", "--train", str(digits_s3), "--output", out, "--max-steps", "2", *run)
+    assert first.returncode == 0, first.stderr
+    for extra, said in ((["--drop-path", "0.3"], "model.drop_path_rate: checkpoint 0.1, now 0.3"),
+                        (["--img-size", "64"], "model.img_size: checkpoint 32, now 64"),
+                        (["--grad-accum", "2"], "grad_accum: checkpoint 1, now 2"),
+                        (["--dtype", "bfloat16"], "model.dtype: checkpoint 'float32', now 'bfloat16'")):
+        again = cli("finetune", "--train", str(digits_s3), "--output", out, "--resume", *run, *extra)
+        assert again.returncode == 2 and "was written with other settings" in again.stderr and said in again.stderr, \
+            (extra, again.stderr)
+    more = tmp_path / "more"
+    shutil.copytree(digits_s3, more)
+    shutil.copy(next((more / "digit_0").iterdir()), more / "digit_0" / "extra.png")
+    changed = cli("finetune", "--train", str(more), "--output", out, "--resume", *run)
+    assert changed.returncode == 2 and "data.images: checkpoint 30, now 31" in changed.stderr, changed.stderr
+    moved = tmp_path / "moved"
+    shutil.copytree(digits_s3, moved)  # the same images elsewhere: the same run
+    assert cli("finetune", "--train", str(moved), "--output", out, "--resume", *run).returncode == 0
+    from beit_jax.finetune.seg import SegTrainConfig
+    from beit_jax.finetune.state import _settings_mismatch, read_checkpoint
+
+    saved = read_checkpoint(f"{out}/checkpoint.msgpack")["extra"]["settings"]  # a segmentation run resuming here
+    seg_now = dict(vars(SegTrainConfig()), scale_range=[0.5, 2.0], batch_size=8)
+    assert "belongs to a classification fine-tuning run, and this is segmentation" in _settings_mismatch(out, saved,
+                                                                                                        seg_now)
+
+    nolabel = tmp_path / "nolabel"
+    nolabel.mkdir()
+    with tarfile.open(nolabel / "a-00000.tar", "w") as tf:
+        for i, p in enumerate(sorted((digits_s3 / "digit_1").iterdir())):
+            tf.add(p, arcname=f"s{i}.png")
+    dead = cli("finetune", "--train", str(nolabel), "--num-classes", "10", "--output", str(tmp_path / "dead"), *run)
+    assert dead.returncode == 2 and "every one of the 8 samples of global batch 1 failed" in dead.stderr, dead.stderr
+    assert not (tmp_path / "dead" / "model.msgpack").exists()
+
+    table = tmp_path / "t.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{'' if i == 2 else 'x'}\n"
+                                             for i, p in enumerate(sorted((digits_s3 / "digit_1").iterdir()))))
+    blank = cli("finetune", "--train", str(table), "--output", str(tmp_path / "t"), *run)
+    assert blank.returncode == 2 and "1 rows have no 'label' value" in blank.stderr, blank.stderr
+    empty_class = tmp_path / "ec"
+    shutil.copytree(digits_s3, empty_class)
+    (empty_class / "digit_9x").mkdir()
+    (empty_class / ".ipynb_checkpoints").mkdir()
+    ec = cli("finetune", "--train", str(empty_class), "--output", str(tmp_path / "ec-run"), *run)
+    assert ec.returncode == 2 and "class folders without images: ['digit_9x']" in ec.stderr, ec.stderr
+    dup = tmp_path / "dup.txt"
+    dup.write_text("a\nb\na\n")
+    d = cli("finetune", "--train", str(shards_s3 / "d-{00000..00005}.tar"), "--classes", str(dup),
+            "--output", str(tmp_path / "d"), *run)
+    assert d.returncode == 2 and "names ['a'] more than once" in d.stderr, d.stderr
+    flags = cli("finetune", "--train", str(digits_s3), "--classes", str(dup), "--output", str(tmp_path / "f"), *run)
+    assert flags.returncode == 2 and "are for webdataset shards" in flags.stderr
+    bucket = cli("finetune", "--train", str(digits_s3), "--output", "s3://no-such-bucket/run", *run)
+    assert bucket.returncode == 2 and "bucket s3://no-such-bucket does not exist" in bucket.stderr, bucket.stderr
+    assert "--output" in bucket.stderr

@@ -110,6 +110,10 @@ def _run(args) -> int:
 
     names = None
     if shard_urls(args.train) is None:
+        if args.classes or args.num_classes or args.label_key != "cls" or args.streams:
+            raise ValueError(f"--classes, --num-classes, --label-key and --streams are for webdataset shards; "
+                             f"{args.train} is a folder or a table, whose classes come from its sub-folders or "
+                             f"--label-column")
         refs, _, classes = list_labelled(args.train, args.label_column, args.path_column)
         count = len(refs)
     else:  # streamed: not counted, classes from --classes / --num-classes

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--val-split", default="validation",
                    help="validation split, evaluated every --eval-every steps and at the end; 'none' for no "
                         "validation (default: %(default)s)")
-    p.add_argument("--output", "-o", required=True, help="output folder (written by process 0)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output folder, local or a bucket URL (s3://, gs://; written by process 0, every file whole)")
     p.add_argument("--model", default="beit_base_patch16_224.in22k_ft_in22k",
                    help="where to start: a timm BEiT name (a new FPN + UPerNet on its backbone), a registered "
                         "segmenter (beit_base_upernet_640.ade20k, ...) or a save_pretrained folder "

@@ -31,7 +31,10 @@ def user_errors() -> tuple:
 # the one place that maps them.
 FLAG_OF = {"output_dir": "--output", "checkpoint_path": "--checkpoint", "train_dir": "--train", "val_dir": "--val",
            "storage_options": "--storage-options", "dtype": "--dtype", "model": "--model", "img_size": "--img-size",
-           "num_classes": "--num-classes", "name_or_path": "--model"}
+           "num_classes": "--num-classes", "name_or_path": "--model", "label_column": "--label-column",
+           "path_column": "--path-column", "label_key": "--label-key", "classes": "--classes", "streams": "--streams",
+           "shuffle_shards": "--shuffle-shards", "batch_size": "--batch-size", "steps": "--steps",
+           "reduce_zero_label": "--reduce-zero-label"}
 _PARAM = re.compile(r"`([a-z_]+(?:=[^`,]*)?(?:, [a-z_]+(?:=[^`,]*)?)*)`")
 
 
@@ -275,10 +278,16 @@ def load_model(args, **kwargs):
 def read_class_names(path: str) -> List[str]:
     """A --classes FILE: class names, one per line in label order."""
     with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
+        lines = [line.strip() for line in f.read().rstrip("\n").split("\n")]
+    if not any(lines):
         raise ValueError(f"{path} names no classes (one name per line)")
-    return names
+    if "" in lines:
+        raise ValueError(f"{path}: line {lines.index('') + 1} is empty: one class name per line, in label order "
+                         f"(an empty line would shift every later name against its label)")
+    dup = sorted({n for n in lines if lines.count(n) > 1})
+    if dup:
+        raise ValueError(f"{path} names {dup[:5]} more than once: every class needs its own name")
+    return lines
 
 
 def add_run_options(p: argparse.ArgumentParser, *, checkpoint_every: int, workers_minimum: int = 1) -> None:

@@ -3,6 +3,7 @@ and the export; `evaluate`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,16 +16,16 @@ import numpy as np
 
 from .. import parallel as par
 from .._io import atomic_write
-from ..checkpoints import save_flax_checkpoint
+from ..checkpoints import model_config_dict, save_flax_checkpoint
 from ..data import Decoder, stream_batches
 from ..publish import save_hub_folder
 from ..sources import list_labelled, shard_urls
-from ..storage import Folder, join_url, staged_folder, url_exists
+from ..storage import Folder, check_bucket, join_url, staged_folder, url_exists
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
 from .order import batch_mix_rng, eval_slots, train_batches
 from .state import (MetricsLog, _check_output, _classes_mismatch, _saved_step, _settings_mismatch, create_train_state,
-                    restore_checkpoint, save_checkpoint)
+                    read_checkpoint, save_checkpoint, state_from_checkpoint)
 from .steps import Trainer, mix_arrays
 from .stream import StreamedSource, check_streams, streamed_train_batches
 
@@ -116,6 +117,12 @@ def train(model, variables, train_dir: str, *, val_dir: Optional[str] = None, ou
     return last
 
 
+def _model_settings(model) -> Dict[str, Any]:
+    """What of the model a resume must keep: its architecture, resolution, drop path and dtype."""
+    return dict(model_config_dict(model), drop_path_rate=getattr(model, "drop_path_rate", None),
+                dtype=jax.numpy.dtype(getattr(model, "dtype", "float32")).name)
+
+
 def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int, cfg: TrainConfig,
               resume: bool, log: Callable, label_column: Optional[str] = None,
               path_column: Optional[str] = None, label_key: str = "cls", class_names: Optional[List[str]] = None,
@@ -147,15 +154,21 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
                          f"i and B-1-i are mixed), got batch size {batch_size}: pass an even `batch_size`, or "
                          f"`mixup_mode=batch`")
     if main:
+        check_bucket(output_dir)
         Folder(output_dir).makedirs()
     refusal = _check_output(output_dir, resume) if main else ""
     if not par.all_processes_agree(np.array([not refusal]))[0]:
         raise ValueError(refusal or "process 0 refused the output folder (see its error)")
     tx = make_optimizer(model, variables, cfg)
     state = create_train_state(model, variables, tx, cfg.seed, ema=cfg.model_ema_decay is not None)
-    settings = _settings(cfg, batch_size)
+    settings = dict(_settings(cfg, batch_size), model=_model_settings(model))
     if source is not None:
         settings.update(shuffle_shards=shuffle_shards, shards=source.fingerprint())
+    else:  # the listed inputs: a resume on other images (added, removed, relabelled) is refused; their
+        # place (the common prefix: a folder moved to another disk or a bucket) may change
+        cut = len(os.path.commonprefix([r.id for r in refs])) if len(refs) > 1 else 0
+        digest = hashlib.sha256("\n".join(f"{r.id[cut:]}\t{k}" for r, k in zip(refs, labels)).encode()).hexdigest()
+        settings.update(data={"images": len(refs), "sha256": digest[:16]})
     run = _Run(cfg, batch_size, output_dir, main, log, resolve_data_config(model), refs, labels, classes, state,
                settings, label_column=label_column, path_column=path_column, source=source,
                shuffle_shards=shuffle_shards)
@@ -163,9 +176,15 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
     if resume:
         host, status, problem = jax.device_get(state), np.int32(0), ""
         if main and url_exists(run.ckpt):
-            host, extra = restore_checkpoint(run.ckpt, host)
+            payload = read_checkpoint(run.ckpt)
+            extra = payload["extra"]
             problem = (_settings_mismatch(run.ckpt, extra.get("settings"), run.settings)
                        or _classes_mismatch(run.ckpt, extra.get("classes"), classes))
+            if not problem:
+                try:
+                    host = state_from_checkpoint(payload, host, run.ckpt)
+                except ValueError as e:
+                    problem = str(e)
             if source is not None and not problem:
                 saved_streams = int(extra.get("streams", 0))
                 saved_positions = np.asarray(extra.get("stream_positions", []), np.int64).reshape(-1, 3)
@@ -180,9 +199,14 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
         if found:
             run.state = host
             log(f"resumed from {run.ckpt} at step {int(host.step)}")
+            if int(host.step) >= cfg.total_steps:
+                log(f"note: {run.ckpt} is at its last step ({cfg.total_steps}): the run was done; its exports are "
+                    f"written again from the same weights")
             if source is not None:
                 template = saved_positions if main else np.zeros((int(saved_streams), 3), np.int64)
                 saved_positions = par.broadcast_from_process_0(template)
+    if resume and not found:
+        log(f"note: no checkpoint in {output_dir} yet: starting the run from step 0")
     if source is not None:
         run.streams = int(saved_streams) if found else (streams or jax.process_count())
         check_streams(run.streams, len(source.shards), batch_size, jax.process_count())
@@ -239,13 +263,17 @@ def _loop(run: _Run, model, val_dir: Optional[str], workers: int, checkpoint_eve
         for step in range(start, end):
             b = next(stream)
             for path, reason in b.errors:  # any process: its own images
-                print(f"warning: training image skipped (weight 0): {reason}", file=sys.stderr, flush=True)
+                print(f"warning: training sample skipped (weight 0): {reason}", file=sys.stderr, flush=True)
             failed += len(b.errors)
             boxes = np.stack([train_tf.erase_box(int(s)) for s in b.seeds]) if cfg.reprob > 0 else None
             mix = mix_arrays(*mixer.draw(batch_mix_rng(cfg.seed, step), batch_size, *image_shape[:2])) if mixer else None
             state, m = trainer.step(state, b.images, b.labels, b.weights, boxes, b.seeds, mix)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             t_last = time.perf_counter()  # this step is done (its checkpoint, if any, comes after)
+            if m.pop("samples") == 0:
+                raise ValueError(f"every one of the {batch_size} samples of global batch {step + 1} failed to decode "
+                                 f"or had no usable label (the warnings above say why): the training data cannot be "
+                                 f"read as given. Stopped before saving anything of that step; nothing was exported.")
             if not (math.isfinite(m["loss"]) and m.pop("params_finite") == 1.0):
                 kept = (f"the last good checkpoint ({run.ckpt}, step {_saved_step(run.ckpt)}) is kept"
                         if main and url_exists(run.ckpt) else "no checkpoint had been written yet")
@@ -325,7 +353,10 @@ def _val_by_train_classes(val_dir: str, classes: List[str], label_column: Option
     refs, labels, val_classes = list_labelled(val_dir, label_column, path_column)
     unknown = [c for c in val_classes if c not in classes]
     if unknown:
+        hint = (" (the training labels are class indices, so its classes are named '0'..'"
+                f"{len(classes) - 1}': give the validation set the same kind of labels)"
+                if all(c.isdigit() for c in classes) and not all(c.isdigit() for c in val_classes) else "")
         raise ValueError(f"{val_dir} has classes the training set does not have: {unknown[:10]} (the model "
-                         f"could never predict them); remove them or add them to `train_dir`")
+                         f"could never predict them); remove them or add them to `train_dir`{hint}")
     index = {c: i for i, c in enumerate(classes)}
     return refs, np.asarray([index[val_classes[label]] for label in labels], np.int32), val_classes

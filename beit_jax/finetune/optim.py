@@ -225,7 +225,7 @@ def recipe_settings(name: str, model, num_train_images: Optional[int], batch_siz
     batch = batch_size or RECIPE_BATCH
     if num_train_images is None and not steps:
         raise ValueError("webdataset shards are streamed, not counted: the recipe's epochs cannot become steps; "
-                         "pass `steps` (CLI: --steps)")
+                         "pass `steps`")
     steps_per_epoch = num_train_images // batch if num_train_images is not None else None
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train_images} training images is less than one batch of {batch}: pass a smaller "

@@ -50,9 +50,9 @@ from .optim import scale_by_tree
 from .order import epoch_order, sample_seed
 from .seg_data import (IGNORE, SegAugment, confusion, list_segmentation_folder, load_train_sample, ordered_map,
                        read_label_map, segmentation_metrics, split_rows)
-from ..storage import Folder, join_url, protocol_of, staged_folder, url_exists, write_whole
+from ..storage import Folder, check_bucket, join_url, protocol_of, staged_folder, url_exists, write_whole
 from .state import (MetricsLog, TrainState, _check_output, _saved_step, _settings_mismatch,
-                    restore_checkpoint, save_checkpoint)
+                    read_checkpoint, save_checkpoint, state_from_checkpoint)
 
 
 @dataclasses.dataclass
@@ -307,6 +307,7 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     if batch_size % jax.device_count():
         raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
     if main:
+        check_bucket(output_dir)
         Folder(output_dir).makedirs()
     refusal = _check_output(output_dir, resume) if main else ""
     if not par.all_processes_agree(np.array([not refusal]))[0]:
@@ -314,14 +315,22 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     ckpt, metrics_path, eval_path = (join_url(output_dir, n) for n in ("checkpoint.msgpack", "metrics.jsonl",
                                                                            "eval.jsonl"))
     settings = dict(dataclasses.asdict(cfg), scale_range=list(cfg.scale_range), batch_size=batch_size,
-                    train_split=train_split, num_labels=model.config.num_labels, image_size=model.config.image_size)
+                    train_split=train_split, num_labels=model.config.num_labels, image_size=model.config.image_size,
+                    model=dict(hidden_size=model.config.hidden_size, layers=model.config.num_hidden_layers,
+                               drop_path_rate=model.config.drop_path_rate, dtype=jnp.dtype(model.dtype).name))
     state = create_seg_train_state(model, variables, cfg)
     found = False
     if resume:
         host, status, problem = jax.device_get(state), np.int32(0), ""
         if main and url_exists(ckpt):
-            host, extra = restore_checkpoint(ckpt, host)
+            payload = read_checkpoint(ckpt)
+            extra = payload["extra"]
             problem = _settings_mismatch(ckpt, extra.get("settings"), settings)
+            if not problem:
+                try:
+                    host = state_from_checkpoint(payload, host, ckpt)
+                except ValueError as e:
+                    problem = str(e)
             status = np.int32(2 if problem else 1)
         host, status = par.broadcast_from_process_0((host, status))
         if int(status) == 2:

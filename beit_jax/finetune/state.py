@@ -44,10 +44,25 @@ def save_checkpoint(path: str, state: TrainState, extra: Optional[Dict[str, Any]
     write_whole(path, serialization.msgpack_serialize(payload))
 
 
-def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dict[str, Any]]:
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint file as {'state': state dict, 'extra': the JSON extras}: check the extras (the
+    run's settings) before `state_from_checkpoint` fits the state to this run's model."""
     payload = serialization.msgpack_restore(read_whole(path))
-    state = serialization.from_state_dict(jax.device_get(template), payload["state"])
-    return state, json.loads(payload["extra"])
+    return {"state": payload["state"], "extra": json.loads(payload["extra"])}
+
+
+def state_from_checkpoint(payload: Dict[str, Any], template: TrainState, path: str = "the checkpoint") -> TrainState:
+    try:
+        return serialization.from_state_dict(jax.device_get(template), payload["state"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} does not fit this model and optimizer ({str(e).splitlines()[0][:300]}): it was "
+                         f"written by another run; resume with that run's model and settings, or start a new "
+                         f"`output_dir`") from e
+
+
+def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dict[str, Any]]:
+    payload = read_checkpoint(path)
+    return state_from_checkpoint(payload, template, path), payload["extra"]
 
 
 def _saved_step(path: str) -> int:
@@ -81,13 +96,35 @@ def _settings_mismatch(path: str, saved: Optional[Dict[str, Any]], now: Dict[str
     it would not)."""
     if not saved:
         return ""
-    saved = dict({k: v for k, v in SETTINGS_ADDED.items() if k in now}, **saved)  # the settings this run has
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(now.get(k)))]
+    kinds = [("segmentation" if "scale_range" in d else "classification") for d in (saved, now)]
+    if kinds[0] != kinds[1]:
+        return (f"{path} belongs to a {kinds[0]} fine-tuning run, and this is {kinds[1]} fine-tuning: use another "
+                f"`output_dir` (nothing was changed)")
+    saved = _flat(dict({k: v for k, v in SETTINGS_ADDED.items() if k in now}, **saved))  # the settings this run has
+    now = _flat(now)
+    # a setting the checkpoint does not record (written before it was recorded) is not compared
+    diff = [f"{k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}" for k in sorted(set(saved) | set(now))
+            if k in saved and json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(now.get(k)))]
     if not diff:
         return ""
     return (f"{path} was written with other settings ({'; '.join(diff)}): resume with the same settings, "
             f"or start a new `output_dir`")
+
+
+def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
+    """Settings with dict values (model, data, shards) as one entry per field: 'model.dtype'."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class MetricsLog:

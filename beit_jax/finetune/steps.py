@@ -67,7 +67,8 @@ def make_train_step(model, cfg: TrainConfig, mean, std) -> Callable:
                                          state.ema_params, new.params)
             new = new.replace(ema_params=ema)
         finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(new.params)]))
-        return new, {"loss": loss, "accuracy": acc, "params_finite": finite.astype(jnp.float32)}
+        return new, {"loss": loss, "accuracy": acc, "params_finite": finite.astype(jnp.float32),
+                     "samples": weights.sum()}
 
     return step
 
