@@ -20,11 +20,11 @@ from ..checkpoints import model_config_dict, save_flax_checkpoint
 from ..data import Decoder, stream_batches
 from ..publish import save_hub_folder
 from ..sources import list_labelled, shard_urls
-from ..storage import Folder, check_bucket, join_url, staged_folder, url_exists
+from ..storage import join_url, staged_folder, url_exists
 from ..transforms import create_transform, resolve_data_config
 from .optim import TrainConfig, make_optimizer
 from .order import batch_mix_rng, eval_slots, train_batches
-from .state import (MetricsLog, _check_output, _classes_mismatch, _saved_step, _settings_mismatch, create_train_state,
+from .state import (MetricsLog, open_output, _classes_mismatch, _saved_step, _settings_mismatch, create_train_state,
                     read_checkpoint, save_checkpoint, state_from_checkpoint)
 from .steps import Trainer, mix_arrays
 from .stream import StreamedSource, check_streams, streamed_train_batches
@@ -153,12 +153,7 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
         raise ValueError(f"mixup_mode={cfg.mixup_mode!r} needs an even global batch (timm's Mixup asserts it: rows "
                          f"i and B-1-i are mixed), got batch size {batch_size}: pass an even `batch_size`, or "
                          f"`mixup_mode=batch`")
-    if main:
-        check_bucket(output_dir)
-        Folder(output_dir).makedirs()
-    refusal = _check_output(output_dir, resume) if main else ""
-    if not par.all_processes_agree(np.array([not refusal]))[0]:
-        raise ValueError(refusal or "process 0 refused the output folder (see its error)")
+    open_output(output_dir, resume)
     tx = make_optimizer(model, variables, cfg)
     state = create_train_state(model, variables, tx, cfg.seed, ema=cfg.model_ema_decay is not None)
     settings = dict(_settings(cfg, batch_size), model=_model_settings(model))

@@ -50,8 +50,8 @@ from .optim import scale_by_tree
 from .order import epoch_order, sample_seed
 from .seg_data import (IGNORE, SegAugment, confusion, list_segmentation_folder, load_train_sample, ordered_map,
                        read_label_map, segmentation_metrics, split_rows)
-from ..storage import Folder, check_bucket, join_url, protocol_of, staged_folder, url_exists, write_whole
-from .state import (MetricsLog, TrainState, _check_output, _saved_step, _settings_mismatch,
+from ..storage import join_url, protocol_of, staged_folder, url_exists, write_whole
+from .state import (MetricsLog, open_output, TrainState, _saved_step, _settings_mismatch,
                     read_checkpoint, save_checkpoint, state_from_checkpoint)
 
 
@@ -306,12 +306,7 @@ def train_segmenter(model: BeitSegmenter, variables, data_dir: str, *, output_di
     val = list_segmentation_folder(data_dir, val_split) if val_split else None
     if batch_size % jax.device_count():
         raise ValueError(f"batch size {batch_size} must be a multiple of the device count {jax.device_count()}")
-    if main:
-        check_bucket(output_dir)
-        Folder(output_dir).makedirs()
-    refusal = _check_output(output_dir, resume) if main else ""
-    if not par.all_processes_agree(np.array([not refusal]))[0]:
-        raise ValueError(refusal or "process 0 refused the output folder (see its error)")
+    open_output(output_dir, resume)
     ckpt, metrics_path, eval_path = (join_url(output_dir, n) for n in ("checkpoint.msgpack", "metrics.jsonl",
                                                                            "eval.jsonl"))
     settings = dict(dataclasses.asdict(cfg), scale_range=list(cfg.scale_range), batch_size=batch_size,

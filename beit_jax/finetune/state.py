@@ -13,10 +13,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import serialization
 from flax.training import train_state
 
-from ..storage import protocol_of, read_whole, url_exists, write_whole
+from .. import parallel as par
+from ..storage import Folder, check_bucket, protocol_of, read_whole, url_exists, write_whole
 from .optim import _params
 
 
@@ -67,6 +69,18 @@ def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dic
 
 def _saved_step(path: str) -> int:
     return int(json.loads(serialization.msgpack_restore(read_whole(path))["extra"]).get("step", 0))
+
+
+def open_output(output_dir: str, resume: bool) -> None:
+    """Before any work, on every process: process 0 checks the output folder (its bucket exists; a
+    run there is continued only with resume) and makes it; all processes stop if it refuses."""
+    refusal = ""
+    if jax.process_index() == 0:
+        check_bucket(output_dir)
+        Folder(output_dir).makedirs()
+        refusal = _check_output(output_dir, resume)
+    if not par.all_processes_agree(np.array([not refusal]))[0]:
+        raise ValueError(refusal or "process 0 refused the output folder (see its error)")
 
 
 def _check_output(output_dir: str, resume: bool, names=("checkpoint.msgpack", "metrics.jsonl", "model.msgpack")) -> str:
