@@ -169,17 +169,14 @@ def streamed_train_batches(src: StreamedSource, batch_size: int, seed: int, stre
     step_labels: List[np.ndarray] = []
 
     def refs():
-        while True:
-            labels, after = [], dict(pos)
-            for s in mine:
-                for _ in range(rows):
-                    ref, label, p = next(its[s])
-                    labels.append(label)
-                    after[s] = p
-                    yield ref
-            pos.update(after)
-            step_positions.append(after)
-            step_labels.append(np.asarray(labels, np.int64))
+        while True:  # a whole step's samples first, so its positions are known before its batch is built
+            items = [(s, next(its[s])) for s in mine for _ in range(rows)]
+            for s, (_, _, p) in items:
+                pos[s] = p
+            step_positions.append(dict(pos))
+            step_labels.append(np.asarray([label for _, (_, label, _) in items], np.int64))
+            for _, (ref, _, _) in items:
+                yield ref
 
     for hb in stream_batches(refs(), per * rows, decoder, image_shape):
         after, labels = step_positions.pop(0), step_labels.pop(0)
