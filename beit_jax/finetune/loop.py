@@ -173,8 +173,8 @@ def _open_run(model, variables, train_dir: str, output_dir: str, batch_size: int
         if main and url_exists(run.ckpt):
             payload = read_checkpoint(run.ckpt)
             extra = payload["extra"]
-            problem = (_settings_mismatch(run.ckpt, extra.get("settings"), run.settings)
-                       or _classes_mismatch(run.ckpt, extra.get("classes"), classes))
+            problem = (_classes_mismatch(run.ckpt, extra.get("classes"), classes)  # the most telling first
+                       or _settings_mismatch(run.ckpt, extra.get("settings"), run.settings))
             if not problem:
                 try:
                     host = state_from_checkpoint(payload, host, run.ckpt)
