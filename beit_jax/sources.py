@@ -813,9 +813,11 @@ def shard_urls(src: Union[str, os.PathLike], storage_options: Optional[Dict[str,
     tars), in list order; None when src is not shards."""
     src = os.fspath(src)
     names = expand_braces(src) if "{" in src else [src]
-    if not (all(is_tar_name(n) for n in names) or any(c in src for c in "*?[")):
+    if not all(is_tar_name(n) for n in names):  # a glob or a folder: tars among what it names? (names only)
         fs, path = filesystem(src, storage_options)
-        if not (fs.isdir(path) and any(is_tar_name(p) for p in fs.ls(path, detail=False))):
+        found = (fs.glob(path) if any(c in src for c in "*?[") else
+                 fs.ls(path, detail=False) if fs.isdir(path) else [])
+        if not any(is_tar_name(p) for p in found):
             return None
     items = list_inputs(src, storage_options).items
     shards = [i for i in items if isinstance(i, TarShard)]

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ._io import atomic_write, temp_name
 
@@ -94,41 +94,40 @@ def check_bucket(url: str, storage_options: Optional[Dict[str, Any]] = None) -> 
                                 f"cannot be read with these credentials: create it (or fix the credentials) first")
 
 
+def _in_folder(url: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple["Folder", str]:
+    """(the Folder holding the file at `url`, the file's name in it)."""
+    url = os.fspath(url)
+    parent, name = (os.path.split if protocol_of(url) in ("file", "local") else posixpath.split)(url)
+    return Folder(parent, storage_options), name
+
+
 def write_whole(url: str, data: bytes, storage_options: Optional[Dict[str, Any]] = None) -> None:
-    """Write the file at `url` whole: locally a temp file renamed over it, on a bucket one PUT (an
-    object is replaced complete or not at all), so a reader or a crash never sees half of it and
-    the previous version stays until the new one is complete."""
-    fs, path = filesystem(url, storage_options)
-    if is_local_fs(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, data)
-    else:
-        fs.pipe_file(path, data)
+    """Write the file at `url` whole (Folder.write: locally a temp file renamed over it, on a bucket
+    one PUT), so a reader or a crash never sees half of it and the previous version stays until
+    the new one is complete."""
+    folder, name = _in_folder(url, storage_options)
+    folder.write(name, data)
 
 
 def read_whole(url: str, storage_options: Optional[Dict[str, Any]] = None) -> bytes:
-    fs, path = filesystem(url, storage_options)
-    if not is_local_fs(fs):
-        fs.invalidate_cache(path)
-    return fs.cat_file(path)
+    folder, name = _in_folder(url, storage_options)
+    return folder.read(name)
 
 
 def url_exists(url: str, storage_options: Optional[Dict[str, Any]] = None) -> bool:
-    fs, path = filesystem(url, storage_options)
-    if not is_local_fs(fs):
-        fs.invalidate_cache(path)
-    return fs.exists(path)
+    folder, name = _in_folder(url, storage_options)
+    return folder.exists(name)
 
 
 @contextlib.contextmanager
 def staged_folder(url: str, storage_options: Optional[Dict[str, Any]] = None) -> Iterator[str]:
     """A local folder to write a set of files into (with code that writes local paths) that ends up
     at `url`: `url` itself when it is local; else a temporary folder whose files are uploaded one
-    whole object each (write_whole) when the block ends without an error, then removed."""
-    fs, path = filesystem(url, storage_options)
-    if is_local_fs(fs):
-        os.makedirs(path, exist_ok=True)
-        yield path
+    whole object each (Folder.write) when the block ends without an error, then removed."""
+    folder = Folder(url, storage_options)
+    if folder.local:
+        folder.makedirs()
+        yield folder.root
         return
     import tempfile
 
@@ -137,9 +136,8 @@ def staged_folder(url: str, storage_options: Optional[Dict[str, Any]] = None) ->
         for dirpath, _, names in os.walk(tmp):
             for name in sorted(names):
                 local = os.path.join(dirpath, name)
-                rel = os.path.relpath(local, tmp).replace(os.sep, "/")
                 with open(local, "rb") as f:
-                    fs.pipe_file(posixpath.join(path, rel), f.read())
+                    folder.write(os.path.relpath(local, tmp).replace(os.sep, "/"), f.read())
 
 
 class Folder:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -18,7 +17,7 @@ from flax import serialization
 from flax.training import train_state
 
 from .. import parallel as par
-from ..storage import Folder, check_bucket, protocol_of, read_whole, url_exists, write_whole
+from ..storage import Folder, check_bucket, join_url, protocol_of, read_whole, url_exists, write_whole
 from .optim import _params
 
 
@@ -68,7 +67,7 @@ def restore_checkpoint(path: str, template: TrainState) -> Tuple[TrainState, Dic
 
 
 def _saved_step(path: str) -> int:
-    return int(json.loads(serialization.msgpack_restore(read_whole(path))["extra"]).get("step", 0))
+    return int(read_checkpoint(path)["extra"].get("step", 0))
 
 
 def open_output(output_dir: str, resume: bool) -> None:
@@ -83,9 +82,9 @@ def open_output(output_dir: str, resume: bool) -> None:
         raise ValueError(refusal or "process 0 refused the output folder (see its error)")
 
 
-def _check_output(output_dir: str, resume: bool, names=("checkpoint.msgpack", "metrics.jsonl", "model.msgpack")) -> str:
+def _check_output(output_dir: str, resume: bool) -> str:
     """Why this output folder must not be written without resume ('' if it may)."""
-    ours = [n for n in names if url_exists(os.path.join(output_dir, n))]
+    ours = [n for n in ("checkpoint.msgpack", "metrics.jsonl", "model.msgpack") if url_exists(join_url(output_dir, n))]
     if ours and not resume:
         return (f"{output_dir} already holds a fine-tuning run ({', '.join(ours)}): pass `resume=True` to continue it, "
                 f"or use another `output_dir` (nothing was changed)")
