@@ -3,7 +3,9 @@ live in tests/support.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,34 @@ import pytest
 from beit_jax import checkpoints
 from tests.support import (IMAGENET_SAMPLE, ODD_IMAGES, S3_ENV, TINY, free_port, shared_dir, start_server, timm_model,
                            timm_state_dict)
+
+
+# JAX's persistent compilation cache, in a folder made fresh for each test run and shared by the xdist
+# workers and every process the tests start (CLI runs, helpers): many tests compile the same tiny-model
+# programs, in-process and in subprocesses. Compiled programs are what a cold compile gives, so no
+# result can differ; each run starts empty (no state carried between runs). JAX's own variables, as a
+# user would set them; with a size limit JAX guards every entry with a file lock (concurrent writers).
+_XLA_CACHE = pytest.StashKey[str]()
+XLA_CACHE_VARS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker: the controller made the folder
+        return
+    cache = tempfile.mkdtemp(prefix="beit-jax-tests-xla-")
+    config.stash[_XLA_CACHE] = cache
+    os.environ.update(XLA_CACHE_VARS, JAX_COMPILATION_CACHE_DIR=cache)
+    import jax  # imported already (by this file): its config read the variables before they were set
+
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+
+
+def pytest_unconfigure(config):
+    cache = config.stash.get(_XLA_CACHE, None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
