@@ -68,7 +68,12 @@ def to_flax_layout(path: Path, value: np.ndarray) -> np.ndarray:
 
 
 def _timm_shape(path: Path, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    return tuple(to_timm_layout(path, np.empty(shape, np.int8)).shape)
+    """The shape to_timm_layout gives an array of `shape` (without making one)."""
+    if path[-1] == "kernel" and len(shape) == 2:
+        return shape[1], shape[0]
+    if path[-1] == "kernel" and len(shape) == 4:
+        return shape[3], shape[2], shape[0], shape[1]
+    return tuple(shape)
 
 
 def expected_params(model) -> Dict[Path, Any]:
@@ -131,13 +136,17 @@ class Source:
         original = unwrap_state_dict(state_dict)
         sd = family_of(model).adapt(original)
         by_key = {flax_path_to_timm_key(p): p for p in expected_params(model)}
-        params = {by_key[k]: to_flax_layout(by_key[k], to_numpy(v)) for k, v in sd.items() if k in by_key}
+        params = {}
+        for k, v in sd.items():
+            if k in by_key:
+                v = to_numpy(v)
+                params[by_key[k]] = _own_copy(to_flax_layout(by_key[k], v), v)
         return cls(params, [k for k in sd if k not in by_key], flax_path_to_timm_key, _timm_shape,
                    lambda: describe_checkpoint(original))
 
     @classmethod
     def from_flax(cls, params: Mapping[str, Any], model) -> "Source":
-        flat = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(dict(params)).items()}
+        flat = {p: np.array(v) for p, v in traverse_util.flatten_dict(dict(params)).items()}  # copies: see _own_copy
         expected = expected_params(model)
         return cls({p: v for p, v in flat.items() if p in expected},
                    [flax_path_name(p) for p in flat if p not in expected], flax_path_name,
@@ -148,6 +157,13 @@ class Source:
     def drop(self, prefix: str) -> None:
         """Forget the entries of a top-level module (a head the caller replaces)."""
         self.params = {p: v for p, v in self.params.items() if p[0] != prefix}
+
+
+def _own_copy(value: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """`value`, copied if it still shares memory with the caller's array (or the tensor it views):
+    converted parameters never alias a state dict the caller may go on changing, and fit_params
+    need not copy them again."""
+    return value.copy() if np.may_share_memory(value, original) else value
 
 
 def fit_params(source: Source, model, *, resize: bool = True, allow_missing: Iterable[str] = (),
@@ -177,7 +193,7 @@ def fit_params(source: Source, model, *, resize: bool = True, allow_missing: Ite
             mismatched.append(f"{source.name(path)}: checkpoint {stored_shape} -> model expects "
                               f"{source.shape_as_stored(path, want)}")
             continue
-        params[path] = value.astype(expected[path].dtype)
+        params[path] = value.astype(expected[path].dtype, copy=False)
     if missing or source.unexpected or mismatched:
         raise CheckpointMismatchError(_mismatch_message(model, source, missing, mismatched))
     bad = [f"{source.name(p)} ({int((~np.isfinite(v)).sum())} of {v.size})" for p, v in params.items()
