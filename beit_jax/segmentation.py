@@ -43,7 +43,7 @@ from .hub import PretrainedUnavailableError
 from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
 from .models import ARCHITECTURES, split_model_name
 from .models.segmentation import (SEGMENTATION_MODELS, BeitSegmenter, SegConfig, abstract_segmenter_variables,
-                                  init_segmenter, list_segmentation_models, resize_bilinear)
+                                  init_classifiers, init_segmenter, list_segmentation_models, resize_bilinear)
 from .transforms import normalize
 
 # ---- weights: transformers' names <-> Flax --------------------------------------------------------
@@ -328,8 +328,8 @@ def _override(cfg: SegConfig, num_classes, img_size, overrides) -> SegConfig:
 
 def _fresh_classifiers(model: BeitSegmenter, rng) -> Dict[str, np.ndarray]:
     """The two classifiers of a fresh init, as the state dict entries that replace a checkpoint's."""
-    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(init_segmenter(model, rng)["params"])))
-    return {_hf_key("params", p): _hf_value(p, v) for p, v in flat.items() if p[1:2] == ("classifier",)}
+    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(init_classifiers(model, rng)["params"])))
+    return {_hf_key("params", p): _hf_value(p, v) for p, v in flat.items()}
 
 
 def _from_timm_backbone(name, pretrained, checkpoint_path, num_classes, img_size, dtype, rng, overrides, kwargs):

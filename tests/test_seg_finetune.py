@@ -73,7 +73,8 @@ def test_schedule_is_mmcv_warmup_times_poly_and_layer_decay_is_unilms():
     got = [float(seg.poly_schedule(cfg)(t)) for t in range(cfg.total_steps)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
-    model, variables = create_segmentation_model("beit_base_upernet_640.ade20k", num_classes=3, img_size=32,
+    # (the `start` fixture's model: one compiled init for both)
+    model, variables = create_segmentation_model("beit_base_upernet_640.ade20k", num_classes=5, img_size=64,
                                                  **TINY_SEG)
     ids = traverse_util.flatten_dict(seg.seg_layer_ids(variables["params"], 4), sep="/")
     assert ids["backbone/patch_embed/proj/kernel"] == ids["backbone/cls_token"] == 0
@@ -83,7 +84,7 @@ def test_schedule_is_mmcv_warmup_times_poly_and_layer_decay_is_unilms():
     tx = seg.make_seg_optimizer(model, variables["params"], cfg)
     ones = jax.tree_util.tree_map(np.ones_like, variables["params"])
     zero = jax.tree_util.tree_map(np.zeros_like, variables["params"])
-    upd, _ = tx.update(zero, tx.init(ones), ones)  # no gradient: what moves is weight decay alone
+    upd, _ = jax.jit(tx.update)(zero, tx.init(ones), ones)  # no gradient: what moves is weight decay alone
     flat = traverse_util.flatten_dict(upd, sep="/")
     assert np.abs(flat["backbone/blocks_0/attn/relative_position_bias_table"]).max() > 0
     assert np.abs(flat["backbone/blocks_0/norm1/scale"]).max() == 0 and np.abs(flat["decode_head/classifier/bias"]).max() == 0

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import beit_jax
-from beit_jax.models.segmentation import SegConfig
+from beit_jax.models.segmentation import SegConfig, init_segmenter
 from beit_jax.segmentation import create_segmentation_model, save_hf_folder
 from tests.support import TINY, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
 
@@ -135,6 +135,10 @@ def test_new_classes_start_fresh_classifiers_loudly(tmp_path, imagenet_dir):
                                          "classifiers fresh"):
         model, variables = create_segmentation_model(str(tmp_path / "hf"), num_classes=3)
     assert model.apply(variables, photos(imagenet_dir, 1, 64)).shape == (1, 16, 16, 3)
+    fresh = init_segmenter(model, 0)["params"]  # the classifiers are a whole fresh init's (rng 0)
+    for head in ("decode_head", "auxiliary_head"):
+        for k in ("kernel", "bias"):
+            assert np.array_equal(variables["params"][head]["classifier"][k], fresh[head]["classifier"][k]), (head, k)
     full, full_vars = create_segmentation_model(str(tmp_path / "hf"))
     assert np.array_equal(variables["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"],
                           full_vars["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"])

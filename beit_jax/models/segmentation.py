@@ -272,6 +272,36 @@ def init_segmenter(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, 
     return jax.jit(lambda k: model.init(k, x, method=BeitSegmenter.forward_aux))(key)
 
 
+class _Classifier(nn.Module):
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+
+
+class _Classifiers(nn.Module):
+    """The heads' two classifiers alone, at their paths in BeitSegmenter: flax draws a parameter's
+    init key from the root key and its path, so they init as in the whole model (without tracing it)."""
+    config: SegConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        _Classifier(c.num_labels, self.dtype, name="decode_head")(jnp.zeros((1, 1, 1, c.hidden_size), self.dtype))
+        if c.use_auxiliary_head:
+            aux_in = c.auxiliary_channels if c.auxiliary_num_convs or c.auxiliary_concat_input else c.hidden_size
+            _Classifier(c.num_labels, self.dtype, name="auxiliary_head")(jnp.zeros((1, 1, 1, aux_in), self.dtype))
+
+
+def init_classifiers(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, Any]:
+    """{'params': {head: {'classifier': ...}}}: what init_segmenter(model, rng) gives them."""
+    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    return _Classifiers(model.config, model.dtype).init(key)
+
+
 # ---- registered segmenters ----------------------------------------------------------------------
 SEGMENTATION_MODELS = {  # name -> (HF repo, its config as published; pretrained=True reads the repo's own)
     "beit_base_upernet_640.ade20k": ("microsoft/beit-base-finetuned-ade-640-640", SegConfig()),
