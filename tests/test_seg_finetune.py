@@ -204,6 +204,6 @@ def test_finetune_seg_learns_resumes_exactly_and_exports_for_transformers(shapes
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     with torch.no_grad():
         want = hf(torch.from_numpy(x).permute(0, 3, 1, 2)).logits.permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(np.asarray(model.apply(variables, x)), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, x)), want, atol=1e-4, rtol=1e-4)
     again = cli("finetune-seg", *common, "--output", tmp_path / "full")
     assert again.returncode == 2 and "already holds a fine-tuning run" in again.stderr

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_new_classes_start_fresh_classifiers_loudly(tmp_path, imagenet_dir):
     with pytest.warns(UserWarning, match="its heads have 5 classes; num_classes=3 starts the decode and auxiliary "
                                          "classifiers fresh"):
         model, variables = create_segmentation_model(str(tmp_path / "hf"), num_classes=3)
-    assert model.apply(variables, photos(imagenet_dir, 1, 64)).shape == (1, 16, 16, 3)
+    assert jax.jit(model.apply)(variables, photos(imagenet_dir, 1, 64)).shape == (1, 16, 16, 3)
     fresh = init_segmenter(model, 0)["params"]  # the classifiers are a whole fresh init's (rng 0)
     for head in ("decode_head", "auxiliary_head"):
         for k in ("kernel", "bias"):
@@ -201,7 +202,7 @@ def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, im
                                                  backbone_kwargs=dict(depth=4, embed_dim=64, num_heads=2))
     assert model.config.out_indices == (1, 2, 3, 4)  # hidden_states[0..3]: the embedding, blocks 0, 1, 2
     x = photos(imagenet_dir, 2, 64)
-    hidden = model.apply(variables, x, method=lambda m, x: m.backbone.hidden_states(x))
+    hidden = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone.hidden_states(x)))(variables, x)
     with torch.no_grad():
         ref = tm.forward_intermediates(torch.from_numpy(x).permute(0, 3, 1, 2), intermediates_only=True)
     assert len(ref) == len(hidden) - 1 == 4
@@ -211,7 +212,7 @@ def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, im
     save_hf_folder(str(tmp_path / "hf"), model, variables)
     hf = BeitForSemanticSegmentation.from_pretrained(tmp_path / "hf").eval()
     ref_logits = hf_outputs(hf, x)[0]
-    logits = np.asarray(model.apply(variables, x))
+    logits = np.asarray(jax.jit(model.apply)(variables, x))
     assert logits.shape == (2, 16, 16, 4)
     assert max_abs(logits, ref_logits) < 1e-5 * max(1.0, np.abs(ref_logits).max())
     with pytest.raises(ValueError, match="needs num_classes"):
