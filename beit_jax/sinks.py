@@ -309,7 +309,10 @@ def _parts(folder: Folder, output: str, done: Dict[int, Dict[str, Any]], output_
             files = part["files"]
             arr_rel, meta_rel = f"{output}/{part['stem']}.npy", f"{METADATA}/{part['stem']}.parquet"
             feats = np.load(io.BytesIO(_verified(folder, arr_rel, files[arr_rel])))
-            table = pq.read_table(io.BytesIO(_verified(folder, meta_rel, files[meta_rel])), columns=["id", "path"])
+            # one part's two columns: no Arrow thread pool (started beside gcsfs's gRPC, its threads
+            # could abort the interpreter at exit: "terminate called without an active exception")
+            table = pq.read_table(io.BytesIO(_verified(folder, meta_rel, files[meta_rel])), columns=["id", "path"],
+                                  use_threads=False)
             ids = np.asarray(table.column("id").to_pylist(), np.int64)
             if len(ids) != len(feats):
                 raise CorruptOutputError(f"{folder.url_of(meta_rel)} has {len(ids)} rows, {folder.url_of(arr_rel)} "

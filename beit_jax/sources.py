@@ -196,7 +196,8 @@ class TableFile(_RowGroups):
             raise ValueError(f"the file changed since the run listed it (size, etag/mtime {self.version} -> "
                              f"{now}); a run reads the tables it started with: start a new run")
         with self.fs.open(self.path, "rb") as f:
-            return pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed])
+            # use_threads=False: see sinks._parts (Arrow's pool beside gcsfs's gRPC can abort the exit)
+            return pq.ParquetFile(f).read_row_group(g, columns=[self.column, *self.renamed], use_threads=False)
 
     def _to_refs(self, table, row0: int) -> List["ImageRef"]:
         return _table_refs(self.fs, self.path, table, self.column, self.renamed, self.storage_options, row0,
@@ -294,7 +295,7 @@ class SavedListing(_RowGroups):
         import pyarrow.parquet as pq
 
         with self.out.fs.open(self.out.path(self.rel), "rb") as f:
-            return pq.ParquetFile(f).read_row_group(g)
+            return pq.ParquetFile(f).read_row_group(g, use_threads=False)  # (see sinks._parts)
 
     def _to_refs(self, table, row0: int) -> List["ImageRef"]:
         return [ImageRef(i, p, self.fs) for i, p in zip(table.column("id").to_pylist(),
