@@ -21,7 +21,8 @@ from tests.support import (IMAGENET_SAMPLE, ODD_IMAGES, S3_ENV, TINY, free_port,
 # result can differ; each run starts empty (no state carried between runs). JAX's own variables, as a
 # user would set them; with a size limit JAX guards every entry with a file lock (concurrent writers).
 _XLA_CACHE = pytest.StashKey[str]()
-XLA_CACHE_VARS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
+XLA_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_compilation_cache_max_size": 8 << 30}
+XLA_CACHE_VARS = [k.upper() for k in ("jax_compilation_cache_dir", *XLA_CACHE_OPTIONS)]  # how JAX reads them
 
 
 def pytest_configure(config):
@@ -29,12 +30,11 @@ def pytest_configure(config):
         return
     cache = tempfile.mkdtemp(prefix="beit-jax-tests-xla-")
     config.stash[_XLA_CACHE] = cache
-    os.environ.update(XLA_CACHE_VARS, JAX_COMPILATION_CACHE_DIR=cache)
     import jax  # imported already (by this file): its config read the variables before they were set
 
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+    for option, value in dict(XLA_CACHE_OPTIONS, jax_compilation_cache_dir=cache).items():
+        os.environ[option.upper()] = str(value)  # for the workers and the processes tests start
+        jax.config.update(option, value)  # for this process
 
 
 def pytest_unconfigure(config):

@@ -32,7 +32,7 @@ def test_notebook_is_stripped_and_runs(name, imagenet_dir, monkeypatch, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     # (nor the test run's compilation cache: conftest.py)
-    for var in ("BEIT_JAX_IMAGES", "BEIT_JAX_CHECKPOINT", "PYTHONPATH", "JAX_COMPILATION_CACHE_DIR", *XLA_CACHE_VARS):
+    for var in ("BEIT_JAX_IMAGES", "BEIT_JAX_CHECKPOINT", "PYTHONPATH", *XLA_CACHE_VARS):
         monkeypatch.delenv(var, raising=False)
     # nbclient waits 4 s by default for a cell's last outputs and then drops them with a log line: a
     # loaded CI machine must not lose a figure or an error that way

@@ -85,6 +85,11 @@ def adaptive_avg_pool(x, size: int):
                                  for c, d in cols], 1) for a, b in rows], 1)
 
 
+def classifier(num_classes: int, dtype: Any) -> nn.Conv:
+    """A head's last layer (a 1x1 conv named 'classifier'), made in the calling module's scope."""
+    return nn.Conv(num_classes, (1, 1), dtype=dtype, name="classifier")
+
+
 class UperHead(nn.Module):
     """UPerNet (transformers' BeitUperHead): PSP on the last map, FPN over all four."""
     num_classes: int
@@ -107,7 +112,7 @@ class UperHead(nn.Module):
         outs.append(laterals[-1])
         outs = [outs[0]] + [resize_bilinear(o, outs[0].shape[1:3]) for o in outs[1:]]
         x = conv("fpn_bottleneck", 3, 1)(jnp.concatenate(outs, axis=-1), train)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+        return classifier(self.num_classes, self.dtype)(x)
 
 
 class FCNHead(nn.Module):
@@ -130,7 +135,7 @@ class FCNHead(nn.Module):
         if self.concat_input:
             x = ConvBN(self.channels, self.kernel, self.kernel // 2, dtype=self.dtype,
                        name="conv_cat")(jnp.concatenate([residual, x], axis=-1), train)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+        return classifier(self.num_classes, self.dtype)(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +283,7 @@ class _Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+        return classifier(self.num_classes, self.dtype)(x)
 
 
 class _Classifiers(nn.Module):
