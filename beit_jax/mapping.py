@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 
-from ._arrays import to_numpy  # noqa: F401  (re-exported)
+from ._arrays import to_numpy, transposed_copy  # noqa: F401  (to_numpy re-exported)
 from .models import ARCHITECTURES, FAMILIES, TimmFamily, abstract_variables
 from .relpos import resample_abs_pos_embed, resize_rel_pos_bias_table
 
@@ -52,18 +52,18 @@ def flax_path_name(path: Path) -> str:
 def to_timm_layout(path: Path, value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel":
         if value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
-            return np.ascontiguousarray(value.T)
+            return transposed_copy(value)
         if value.ndim == 4:  # Conv HWIO -> OIHW
-            return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+            return transposed_copy(value, (3, 2, 0, 1))
     return value
 
 
 def to_flax_layout(path: Path, value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel":
         if value.ndim == 2:
-            return np.ascontiguousarray(value.T)
+            return transposed_copy(value)
         if value.ndim == 4:  # OIHW -> HWIO
-            return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+            return transposed_copy(value, (2, 3, 1, 0))
     return value
 
 

@@ -180,16 +180,33 @@ def timm_model(name: str, seed: int = 0, **kwargs):
 
 
 def timm_state_dict(model) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    """The model's weights as read-only numpy views (no copy: a large model's 1.2 GB copied is seconds
+    of page faults on these machines, and the cached models must not change under a test). A test
+    that edits a weight copies it first; `as_tensors` gives torch tensors of such a dict."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = v.detach().numpy()
+        out[k].flags.writeable = False
+    return out
+
+
+def as_tensors(state_dict: dict) -> dict:
+    """torch tensors of a numpy state dict (copies: timm_state_dict's arrays are read-only)."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
 
 
 def timm_and_flax(name, timm_kwargs=None, **flax_kwargs):
-    """(perturbed timm model, Flax model, Flax variables converted from the timm weights)."""
+    """(perturbed timm model, Flax model, Flax variables converted from the timm weights, on the
+    device: once, not again at each call)."""
+    import jax
+
     import beit_jax
 
     tm = timm_model(name, **(flax_kwargs if timm_kwargs is None else timm_kwargs))
     model = beit_jax.build_model(name, **flax_kwargs)
-    return tm, model, beit_jax.convert_timm_state_dict(timm_state_dict(tm), model)
+    return tm, model, jax.device_put(beit_jax.convert_timm_state_dict(timm_state_dict(tm), model))
 
 
 def timm_attention_probs(tm, block: int, x: np.ndarray) -> np.ndarray:

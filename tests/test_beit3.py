@@ -16,7 +16,7 @@ from beit_jax import checkpoints, finetune
 from beit_jax.mapping import flax_path_to_timm_key
 from beit_jax.models.beit3 import convert_beit3_original
 from flax import traverse_util
-from tests.support import (assert_round_trip_is_identity, cli, max_abs, random_images, timm_and_flax,
+from tests.support import (as_tensors, assert_round_trip_is_identity, cli, max_abs, random_images, timm_and_flax,
                            timm_attention_probs, timm_model, timm_state_dict, to_nchw)
 
 TOL = 1e-4  # max abs, float32 (measured: ~2e-6 logits; unnormalised avg-pool tokens ~3e-6 relative)
@@ -104,7 +104,7 @@ def test_224_weights_at_another_size_match_timm_filter(img_size, tmp_path):
     path = tmp_path / "w224.safetensors"
     beit_jax.save_safetensors(sd, path)
     tm = timm.create_model(BASE, img_size=img_size, depth=2).eval()
-    tm.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, tm), strict=True)
+    tm.load_state_dict(checkpoint_filter_fn(as_tensors(sd), tm), strict=True)
     model, variables = beit_jax.create_model(BASE, img_size=img_size, depth=2, checkpoint_path=str(path))
     grid = img_size // 16
     assert variables["params"]["pos_embed"].shape == (1, grid * grid + 1, 768)
@@ -163,7 +163,7 @@ def test_original_beit3_layout_loads_as_timm_filter_does(tmp_path):
 
     tm = timm_model(TINY3)
     original = _to_beit3_original(timm_state_dict(tm))
-    as_torch = {k: torch.from_numpy(v) for k, v in original.items()}
+    as_torch = as_tensors(original)
     theirs = _convert_beit3(dict(as_torch), None)
     ours = convert_beit3_original(original)
     assert list(ours) == list(theirs)
@@ -321,7 +321,7 @@ def test_convert_command_verifies_an_original_checkpoint(tmp_path):
     """`beit-jax convert` on an original beit3.* release: converted, checked against timm's own
     filter (--verify), and loadable from the .msgpack."""
     tm = timm_model(TINY3)
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in _to_beit3_original(timm_state_dict(tm)).items()}},
+    torch.save({"model": as_tensors(_to_beit3_original(timm_state_dict(tm)))},
                tmp_path / "release.pth")
     res = cli("convert", tmp_path / "release.pth", "--model", TINY3, "-o", tmp_path / "out", "--verify")
     assert res.returncode == 0, res.stdout + res.stderr

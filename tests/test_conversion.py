@@ -19,7 +19,7 @@ import beit_jax
 from beit_jax import checkpoints
 from beit_jax.conversion import flax_to_timm, timm_to_flax
 from beit_jax.models import ARCHITECTURES
-from tests.support import (ROOT, TINY, max_abs, random_images, run_cli, run_module, timm_model, timm_state_dict,
+from tests.support import (ROOT, TINY, as_tensors, max_abs, random_images, run_cli, run_module, timm_model, timm_state_dict,
                            to_nchw)
 
 
@@ -48,7 +48,7 @@ def test_round_trip_with_10_class_head(arch, tmp_path, imagenet_dir, capsys):
         return _convert(capsys, module, *args)
 
     rc, out, err = tool(timm_to_flax, src, "--model", arch, "-o", tmp_path / "flax", "--verify", "--images",
-                        imagenet_dir, "--num-images", "8")
+                        imagenet_dir, "--num-images", "2")
     assert rc == 0, out + err
     assert "top1_agreement: 1" in out and "OK: max abs difference" in out
     assert (tmp_path / "flax.msgpack").is_file() and (tmp_path / "flax.json").is_file()
@@ -70,7 +70,7 @@ def test_round_trip_with_10_class_head(arch, tmp_path, imagenet_dir, capsys):
 def test_original_release_pth_nesting(tmp_path, capsys):
     """Original microsoft/unilm releases: {'model': sd} with relative_position_index buffers."""
     tm = timm_model(TINY)
-    sd = {k: torch.from_numpy(v) for k, v in timm_state_dict(tm).items()}
+    sd = as_tensors(timm_state_dict(tm))
     for i in range(2):
         sd[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
     torch.save({"model": sd, "optimizer": {}, "epoch": 30}, tmp_path / "release.pth")
@@ -107,7 +107,7 @@ def test_wrong_architecture_is_refused_and_nothing_written(tmp_path, capsys):
 
 def test_truncated_file_is_refused(tmp_path, capsys):
     src = tmp_path / "w.pth"
-    torch.save({k: torch.from_numpy(v) for k, v in timm_state_dict(timm_model(TINY)).items()}, src)
+    torch.save(as_tensors(timm_state_dict(timm_model(TINY))), src)
     src.write_bytes(src.read_bytes()[:50_000])
     res = _convert(capsys, timm_to_flax, src, "--model", TINY, "-o", tmp_path / "out")
     _assert_refused(res, tmp_path / "out", "w.pth", "weights-only")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import beit_jax
-from tests.support import (TINY, max_abs, random_images, timm_and_flax, timm_attention_probs, timm_model,
+from tests.support import (TINY, as_tensors, max_abs, random_images, timm_and_flax, timm_attention_probs, timm_model,
                            timm_state_dict, to_nchw)
 
 TOL = 1e-4  # max abs, float32; measured values are ~1e-6 (logits) to ~5e-6 (tokens)
@@ -137,7 +137,7 @@ def test_224_weights_at_384_match_timm_filter(tmp_path):
     path = tmp_path / "w224.safetensors"
     beit_jax.save_safetensors(sd, path)
     tm384 = timm.create_model(name, img_size=384).eval()
-    tm384.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, tm384))
+    tm384.load_state_dict(checkpoint_filter_fn(as_tensors(sd), tm384))
     model, variables = beit_jax.create_model(name, img_size=384, checkpoint_path=str(path))
     assert model.img_size == 384
     assert variables["params"]["blocks_0"]["attn"]["relative_position_bias_table"].shape == (47 * 47 + 3, 12)
@@ -167,7 +167,7 @@ def test_shared_rel_pos_bias_and_abs_pos_embed_options(tmp_path):
     assert max_abs(_jit_apply(model)(variables, x), ref) < TOL
 
     tm_big = timm.create_model(name, img_size=288, **opts).eval()
-    tm_big.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, tm_big))
+    tm_big.load_state_dict(checkpoint_filter_fn(as_tensors(sd), tm_big))
     big = beit_jax.build_model(name, img_size=288, **opts)
     big_vars = beit_jax.convert_timm_state_dict(sd, big)
     np.testing.assert_allclose(big_vars["params"]["pos_embed"], tm_big.pos_embed.detach().numpy(), atol=1e-5)

@@ -17,7 +17,7 @@ from PIL import Image
 import beit_jax
 from beit_jax.models.segmentation import SegConfig, init_segmenter
 from beit_jax.segmentation import create_segmentation_model, save_hf_folder
-from tests.support import TINY, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
+from tests.support import TINY, as_tensors, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
 
 # Two architectures transformers builds from config.json: base-like (per-block relative position
 # tables, layer scale, out_indices 1..4), and another depth / grid / out_indices with a shared
@@ -196,7 +196,7 @@ def test_a_timm_backbone_starts_a_segmenter_that_transformers_loads(tmp_path, im
 
     small = dict(depth=4, img_size=64, embed_dim=64, num_heads=2)
     tm = timm_model("beit_base_patch16_224", **small)
-    save_file({k: torch.from_numpy(v) for k, v in timm_state_dict(tm).items()}, tmp_path / "timm.safetensors")
+    save_file(as_tensors(timm_state_dict(tm)), tmp_path / "timm.safetensors")
     model, variables = create_segmentation_model("beit_base_patch16_224", num_classes=4, img_size=64,
                                                  checkpoint_path=str(tmp_path / "timm.safetensors"),
                                                  backbone_kwargs=dict(depth=4, embed_dim=64, num_heads=2))
