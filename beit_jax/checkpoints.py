@@ -78,14 +78,48 @@ def _load_torch_pickle(path: str) -> Dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
+# numpy dtype name -> safetensors dtype (bfloat16: ml_dtypes', which JAX brings)
+_SAFETENSORS_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+                       "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
+                       "int64": "I64", "uint64": "U64"}
+
+
+def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
                      metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a state dict as .safetensors atomically (temp file + rename)."""
-    from safetensors.numpy import save
+    """Write a state dict (numpy arrays, or anything np.asarray takes) as .safetensors atomically
+    (temp file + rename).
+
+    Streamed: the header, then each array's bytes straight from its buffer, so saving needs no
+    second copy of the model in memory (safetensors.numpy.save builds the whole file as one bytes
+    object from a bytes copy of every array: twice the model, seconds for a large one). The layout
+    is the format's (8-byte little-endian header length, JSON header padded to 8 bytes, the tensors
+    largest item size first, then by name, as safetensors orders them so each one is aligned)."""
+    arrays = {}
+    for k, v in state_dict.items():
+        a = np.asarray(v, order="C")  # (not ascontiguousarray: it makes a 0-d array 1-d)
+        if a.dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"save_safetensors: {k} has dtype {a.dtype}, which .safetensors cannot store")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        arrays[k] = a
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: Dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for k in order:
+        a = arrays[k]
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
+                     "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(f):
+        f.write(len(head).to_bytes(8, "little") + head)
+        for k in order:
+            f.write(arrays[k].reshape(-1).view(np.uint8).data)
 
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-                            metadata=metadata or {"format": "pt"}))
+    atomic_write(path, write)
 
 
 def model_config_dict(model) -> Dict[str, Any]:

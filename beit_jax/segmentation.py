@@ -37,7 +37,7 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
-from .checkpoints import load_state_dict_file
+from .checkpoints import load_state_dict_file, save_safetensors
 from .factory import create_model
 from .hub import PretrainedUnavailableError
 from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
@@ -370,15 +370,12 @@ def save_hf_folder(path: str, model: BeitSegmenter, variables: Mapping[str, Any]
     """Write `path/config.json` + `path/model.safetensors` as transformers' save_pretrained does, so
     `BeitForSemanticSegmentation.from_pretrained(path)` loads them. Refuses a folder that already
     holds a model it did not write."""
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     for n in ("config.json", *HF_WEIGHT_FILES):
         if os.path.exists(os.path.join(path, n)):
             raise FileExistsError(f"{path} already holds {n}: choose an empty folder (nothing is overwritten)")
     sd = to_hf_state_dict(variables, model)
-    save_file({k: np.ascontiguousarray(v) if v.ndim else v for k, v in sd.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf(), f, indent=2)
     return path

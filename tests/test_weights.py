@@ -66,6 +66,39 @@ def test_checkpoint_files_pth_nesting_and_new_head(tmp_path):
                                   variables["params"]["blocks_5"]["mlp"]["fc1"]["kernel"])
 
 
+def test_save_safetensors_is_read_by_safetensors_and_torch(tmp_path):
+    """The streamed writer: what safetensors' own readers (numpy and torch) read back, every dtype
+    a state dict holds, 0-d, empty, transposed and big-endian arrays included."""
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+
+    rng = np.random.default_rng(0)
+    sd = {"blocks.0.attn.qkv.weight": rng.normal(size=(12, 4)).astype(np.float32), "step": np.array(3, np.int64),
+          "scale": np.array(0.5, np.float32), "empty": np.zeros((0, 4), np.float32),
+          "transposed": rng.normal(size=(4, 6)).astype(np.float32).T, "mask": np.array([True, False, True]),
+          "u8": np.arange(5, dtype=np.uint8), "f16": rng.normal(size=(2, 3)).astype(np.float16),
+          "big_endian": np.arange(3, dtype=">i4")}
+    path = tmp_path / "w.safetensors"
+    beit_jax.save_safetensors(sd, path, metadata={"format": "pt", "note": "x"})
+    back = load_file(path)
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype.newbyteorder("="), k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    with safe_open(path, "np") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    assert load_torch(path)["scale"].shape == ()
+    bf = rng.normal(size=(3, 2)).astype(ml_dtypes.bfloat16)
+    beit_jax.save_safetensors({"w": bf}, tmp_path / "bf16.safetensors")
+    assert load_torch(tmp_path / "bf16.safetensors")["w"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(load_torch(tmp_path / "bf16.safetensors")["w"].float().numpy(), bf.astype(np.float32))
+    with pytest.raises(ValueError, match="complex64"):
+        beit_jax.save_safetensors({"z": np.zeros(2, np.complex64)}, tmp_path / "z.safetensors")
+    assert not (tmp_path / "z.safetensors").exists()
+
+
 def test_bad_files_name_the_file(tmp_path):
     good = tmp_path / "good.safetensors"
     checkpoints.save_safetensors(timm_state_dict(timm_model("beit_base_patch16_224")), good)
