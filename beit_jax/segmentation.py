@@ -43,7 +43,8 @@ from .hub import PretrainedUnavailableError
 from .mapping import CheckpointMismatchError, convert_timm_state_dict, to_timm_state_dict
 from .models import ARCHITECTURES, split_model_name
 from .models.segmentation import (SEGMENTATION_MODELS, BeitSegmenter, SegConfig, abstract_segmenter_variables,
-                                  init_classifiers, init_segmenter, list_segmentation_models, resize_bilinear)
+                                  init_classifiers, init_heads, init_segmenter, list_segmentation_models,
+                                  resize_bilinear)
 from .transforms import normalize
 
 # ---- weights: transformers' names <-> Flax --------------------------------------------------------
@@ -356,14 +357,16 @@ def _from_timm_backbone(name, pretrained, checkpoint_path, num_classes, img_size
                     out_indices=tuple(quarter), auxiliary_channels=256)
     cfg = _override(cfg, None, None, overrides)
     model = BeitSegmenter(cfg, dtype=dtype)
-    variables = jax.tree_util.tree_map(np.asarray, dict(init_segmenter(model, rng)))
-    params = dict(variables["params"])
-    backbone = {k: v for k, v in clf_vars["params"].items() if k in params["backbone"]}
-    missing = sorted(set(params["backbone"]) - set(backbone))
+    # the backbone's variables are the classifier's (trained or fresh); only the FPN and heads are
+    # initialised (as a whole init would, without tracing and compiling the backbone's init again)
+    heads = jax.tree_util.tree_map(np.asarray, dict(init_heads(model, rng)))
+    layout = abstract_segmenter_variables(model)
+    backbone = {k: v for k, v in clf_vars["params"].items() if k in layout["params"]["backbone"]}
+    missing = sorted(set(layout["params"]["backbone"]) - set(backbone))
     if missing:
         raise ValueError(f"{name}'s weights lack {missing} for the segmentation backbone")
-    params["backbone"] = backbone
-    return model, dict(variables, params=params)
+    params = {k: backbone if k == "backbone" else heads["params"][k] for k in layout["params"]}
+    return model, dict(heads, params=params)
 
 
 def save_hf_folder(path: str, model: BeitSegmenter, variables: Mapping[str, Any]) -> str:

@@ -194,13 +194,17 @@ def test_wrong_input_size_is_a_clear_error():
 def test_dropout_and_drop_path_need_rng_and_change_output():
     model, variables = beit_jax.create_model(TINY, num_classes=0, drop_path_rate=0.5)
     x = random_images(4, 64, seed=7)
-    eval_out = model.apply(variables, x)
-    train_a = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-    train_b = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+
+    def train(m):  # jitted: eagerly, every op of the random masks compiles on its own
+        return jax.jit(lambda v, key: m.apply(v, x, deterministic=False, rngs={"dropout": key}))
+
+    eval_out = _jit_apply(model)(variables, x)
+    train_a = train(model)(variables, jax.random.PRNGKey(1))
+    train_b = train(model)(variables, jax.random.PRNGKey(2))
     assert max_abs(train_a, eval_out) > 1e-3 and max_abs(train_a, train_b) > 1e-3
     # drop_path_rate=0 is the identity even in training mode
     plain, _ = beit_jax.create_model(TINY, num_classes=0)
-    same = plain.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    same = train(plain)(variables, jax.random.PRNGKey(1))
     assert max_abs(same, eval_out) < 1e-6
 
 

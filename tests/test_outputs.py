@@ -142,7 +142,7 @@ def test_parts_are_bounded_by_bytes(imagenet_dir, tmp_path):
     assert all(np.load(p).shape[0] <= 3 for p in parts)
     paths, tokens = read_features(tmp_path / "o", "tokens")
     assert tokens.shape == (10, 17, 64) and paths == [str(p) for p in photos]
-    big, _ = beit_jax.create_model("beit_large_patch16_512", num_classes=0)
+    big = beit_jax.build_model("beit_large_patch16_512", num_classes=0)  # the module: its sizes, no weights
     from beit_jax.extract import output_row_floats
     from beit_jax.sinks import FeatureWriter
     from beit_jax.storage import Folder

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 from PIL import Image
 
 import beit_jax
-from beit_jax.models.segmentation import SegConfig, init_segmenter
+from beit_jax.models.segmentation import SegConfig, init_heads, init_segmenter
 from beit_jax.segmentation import create_segmentation_model, save_hf_folder
 from tests.support import TINY, as_tensors, max_abs, sample_photos, subprocess_env, timm_model, timm_state_dict
 
@@ -84,9 +85,10 @@ def test_logits_labels_and_auxiliary_logits_equal_transformers(name, imagenet_di
     x = photos(imagenet_dir, 2, CONFIGS[name]["image_size"])
     ref_logits, ref_aux, ref_labels = hf_outputs(hf, x)
 
-    logits = np.asarray(model.apply(variables, x))
-    logits_, aux = model.apply(variables, x, method="forward_aux")
-    labels = np.asarray(model.apply(variables, x, method="predict"))
+    # the three methods in one jitted program (eagerly, each op of the segmenter compiles on its own)
+    logits, (logits_, aux), labels = jax.jit(lambda v, x: (
+        model.apply(v, x), model.apply(v, x, method="forward_aux"), model.apply(v, x, method="predict")))(variables, x)
+    logits, labels = np.asarray(logits), np.asarray(labels)
     assert logits.shape == ref_logits.shape == (2, x.shape[1] // 4, x.shape[2] // 4, CONFIGS[name]["num_labels"])
     assert max_abs(logits, ref_logits) < 1e-5 * max(1.0, np.abs(ref_logits).max()), max_abs(logits, ref_logits)
     assert max_abs(np.asarray(aux), ref_aux) < 1e-5 * max(1.0, np.abs(ref_aux).max())
@@ -136,10 +138,15 @@ def test_new_classes_start_fresh_classifiers_loudly(tmp_path, imagenet_dir):
                                          "classifiers fresh"):
         model, variables = create_segmentation_model(str(tmp_path / "hf"), num_classes=3)
     assert jax.jit(model.apply)(variables, photos(imagenet_dir, 1, 64)).shape == (1, 16, 16, 3)
-    fresh = init_segmenter(model, 0)["params"]  # the classifiers are a whole fresh init's (rng 0)
+    whole = init_segmenter(model, 0)
+    fresh = whole["params"]  # the classifiers are a whole fresh init's (rng 0)
     for head in ("decode_head", "auxiliary_head"):
         for k in ("kernel", "bias"):
             assert np.array_equal(variables["params"][head]["classifier"][k], fresh[head]["classifier"][k]), (head, k)
+    # so are the FPN's and heads' variables that a new segmenter on a timm backbone starts from
+    heads = traverse_util.flatten_dict(dict(init_heads(model, 0)))
+    expected = {k: v for k, v in traverse_util.flatten_dict(dict(whole)).items() if k[1] != "backbone"}
+    assert heads.keys() == expected.keys() and all(np.array_equal(heads[k], expected[k]) for k in heads)
     full, full_vars = create_segmentation_model(str(tmp_path / "hf"))
     assert np.array_equal(variables["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"],
                           full_vars["params"]["decode_head"]["fpn_bottleneck"]["conv"]["kernel"])

@@ -243,16 +243,27 @@ class BeitSegmenter(nn.Module):
         c = self.config
         hs = self.backbone.hidden_states(x, deterministic=not train)
         b, grid = x.shape[0], x.shape[1] // c.patch_size
-        maps = [hs[i - 1][:, 1:].reshape(b, grid, grid, c.hidden_size) for i in c.out_indices]
+        return self._fpn([hs[i - 1][:, 1:].reshape(b, grid, grid, c.hidden_size) for i in c.out_indices], train)
+
+    def _fpn(self, maps, train: bool):
         up4 = self.fpn1_3(nn.gelu(self.fpn1_1(self.fpn1_0(maps[0]), use_running_average=not train),
                                   approximate=False))
         down = nn.max_pool(maps[3], (2, 2), strides=(2, 2))
         return [up4, self.fpn2_0(maps[1]), maps[2], down]
 
-    def forward_aux(self, x, train: bool = False):
-        maps = self.feature_maps(x, train)
+    def _heads(self, maps, train: bool):
         aux = self.auxiliary_head(maps, train) if self.config.use_auxiliary_head else None
         return self.decode_head(maps, train), aux
+
+    def forward_aux(self, x, train: bool = False):
+        return self._heads(self.feature_maps(x, train), train)
+
+    def init_heads(self):
+        """Everything but the backbone, fed zero block outputs of its shapes: init(method=...) of this
+        creates the FPN and heads' variables without tracing the backbone."""
+        c = self.config
+        grid = c.image_size // c.patch_size
+        return self._heads(self._fpn([jnp.zeros((1, grid, grid, c.hidden_size), self.dtype)] * 4, False), False)
 
     def __call__(self, x, train: bool = False):
         return self.decode_head(self.feature_maps(x, train), train)
@@ -275,6 +286,14 @@ def init_segmenter(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, 
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
     x = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
     return jax.jit(lambda k: model.init(k, x, method=BeitSegmenter.forward_aux))(key)
+
+
+def init_heads(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, Any]:
+    """The variables of everything but the backbone (FPN, UPerNet, auxiliary head), equal to what
+    init_segmenter(model, rng) gives them (flax draws each parameter's key from the root key and its
+    path), without tracing or compiling the backbone's init: for a new segmenter on trained weights."""
+    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    return jax.jit(lambda k: model.init(k, method=BeitSegmenter.init_heads))(key)
 
 
 class _Classifier(nn.Module):
