@@ -16,7 +16,7 @@ from beit_jax import finetune
 from beit_jax.checkpoints import load_flax_checkpoint
 from beit_jax.mapping import flax_path_to_timm_key
 from flax import traverse_util
-from tests.support import TINY, cli, digits_folder, run_cli, run_helper, run_process_pair
+from tests.support import TINY, cli, digits_folder, run_helper, run_process_pair
 
 RECIPE_FLAGS = ["--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
                 "--model-ema-decay", "0.9"]
@@ -156,14 +156,15 @@ def test_train_augmentation_is_seeded_and_random(imagenet_dir):
 
 
 def test_two_processes_train_and_evaluate_like_one(digits, tmp_path):
-    """1 process x 8 devices vs 2 processes x 4 devices: same global batches, same augmentation,
-    same parameters, same exact eval counts; the pair is stopped and resumed, and process 1 has an
-    output folder of its own that stays empty (process 0 writes and reads the checkpoint)."""
+    """2 processes x 4 devices vs one process: same global batches, same augmentation, same
+    parameters, same exact eval counts; the pair is stopped and resumed, and process 1 has an output
+    folder of its own that stays empty (process 0 writes and reads the checkpoint). The one process
+    is this one, on its one device (1 device == 8: test_multi_device_train_step_equals_single_device)."""
     train_dir, val_dir = digits
     common = ["--train", train_dir, "--val", val_dir, "--model", TINY, "--random-weights", "--img-size", "32",
               "--batch-size", "16", "--steps", "4", "--warmup-steps", "1", "--lr", "1e-3", "--checkpoint-every", "2",
               "--workers", "1", "--no-progress", *RECIPE_FLAGS]
-    single = run_cli("finetune", *common, "--output", tmp_path / "single", devices=8)
+    single = cli("finetune", *common, "--output", tmp_path / "single")
     assert single.returncode == 0, single.stderr
 
     def args_of(extra):
