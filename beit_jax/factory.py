@@ -17,7 +17,7 @@ from . import checkpoints, hub, publish
 from .layers import trunc_normal
 from .mapping import Source, fit_params
 from .models import get_pretrained_cfg, split_model_name
-from .models import build_model, init_variables
+from .models import build_model, init_variables, prng_key
 
 
 class NewHeadWarning(UserWarning):
@@ -65,7 +65,7 @@ def load_checkpoint(path: str | os.PathLike, model, rng: Any = 0, *, raw=None) -
 
 def init_head(model, rng: Any = 0) -> Dict[str, np.ndarray]:
     """A new classifier head initialised like timm's (trunc normal .02 * head_init_scale, zero bias)."""
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    key = prng_key(rng)
     key = jax.random.fold_in(key, 0x4EAD)
     kernel = trunc_normal(0.02, model.head_init_scale)(key, (model.embed_dim, model.num_classes))
     return {"kernel": np.asarray(kernel, dtype=model.param_dtype),

@@ -217,9 +217,14 @@ def _dummy_input(model):
     return jax.ShapeDtypeStruct((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
 
 
+def prng_key(rng: int | jax.Array) -> jax.Array:
+    """A JAX PRNG key from an int seed, or the key itself (the `rng=` of every init here)."""
+    return jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+
+
 def init_variables(model, rng: int | jax.Array = 0):
     """Random-init variables (timm's init scheme) for `model`, computed under jit."""
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    key = prng_key(rng)
     return jax.jit(model.init)(key, jnp.zeros(_dummy_input(model).shape, jnp.float32))
 
 

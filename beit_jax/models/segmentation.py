@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ._registry import prng_key
 from .beit import Beit
 
 BN_EPS = 1e-5  # torch BatchNorm2d's default, which transformers keeps
@@ -283,7 +284,7 @@ def abstract_segmenter_variables(model: BeitSegmenter):
 
 def init_segmenter(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, Any]:
     c = model.config
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    key = prng_key(rng)
     x = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
     return jax.jit(lambda k: model.init(k, x, method=BeitSegmenter.forward_aux))(key)
 
@@ -292,7 +293,7 @@ def init_heads(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, Any]
     """The variables of everything but the backbone (FPN, UPerNet, auxiliary head), equal to what
     init_segmenter(model, rng) gives them (flax draws each parameter's key from the root key and its
     path), without tracing or compiling the backbone's init: for a new segmenter on trained weights."""
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    key = prng_key(rng)
     return jax.jit(lambda k: model.init(k, method=BeitSegmenter.init_heads))(key)
 
 
@@ -322,7 +323,7 @@ class _Classifiers(nn.Module):
 
 def init_classifiers(model: BeitSegmenter, rng: int | jax.Array = 0) -> Dict[str, Any]:
     """{'params': {head: {'classifier': ...}}}: what init_segmenter(model, rng) gives them."""
-    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    key = prng_key(rng)
     return _Classifiers(model.config, model.dtype).init(key)
 
 
